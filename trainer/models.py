@@ -1,8 +1,10 @@
 """Model bundle: the diffusers modules a DreamBooth run needs, and how to build them offline."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -25,6 +27,9 @@ class ModelBundle:
     family: str  # "sd1" or "sd2"
     source_name: str = ""  # file or folder name of the base model
     source_hash: str = ""  # sha256 of the base model file ("" when unknown)
+    # Tensors of the base single-file checkpoint that diffusers does not use (e.g. SD2's last OpenCLIP layer),
+    # written back unchanged on export so the result is as complete as the file it came from.
+    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
