@@ -5,9 +5,14 @@ two resnets per level, conv (SD1) vs linear (SD2) attention projections, the rea
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from trainer.models import ModelBundle, build_bundle
+
+# The DreamBooth dataset photos, in the shared folder that sits beside the repository (here and in CI).
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
 
 
 def tiny_unet_config(family: str) -> dict:
