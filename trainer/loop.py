@@ -1,0 +1,343 @@
+"""train(cfg): the DreamBooth fine-tune, read top to bottom.
+
+images -> cached VAE posteriors (+ cached text embeddings when the text encoder is frozen) -> steps of the
+prior-preservation loss -> single-file checkpoint. A resumable state is saved every `checkpoint_every` steps and
+when the caller cancels; running the same config again continues from it and ends with the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import state as state_io
+from .callbacks import Callbacks, StepInfo, TrainingCancelled
+from .checkpoint import save_checkpoint
+from .config import ConfigError, TrainConfig
+from .dataset import image_fingerprint, load_image_files, load_image_folder, to_training_tensor
+from .loss import dreambooth_loss, prediction_target
+from .models import ModelBundle, load_model
+from .optim import make_lr_scheduler, make_optimizer
+from .priors import ensure_class_priors
+from .randomness import StepRandomness
+from .sampling import sample_images, size_multiple
+
+# Settings that do not change what is learned; a saved state stays valid when only these differ.
+_NOT_LEARNING = ("output", "checkpoint_every", "resume", "sample_every", "sample_prompts", "save_dtype", "device",
+                 "prior_cache_dir")
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    samples: list = field(default_factory=list)  # PIL previews of cfg.sample_prompts at the end
+    resumed_from: int = 0
+
+
+def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callbacks | None = None,
+          randomness=None) -> TrainResult:
+    """Fine-tune `bundle` (loaded from cfg.base_model when None) in place and write cfg.output."""
+    cfg.validate()
+    callbacks = callbacks or Callbacks()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.mixed_precision, device)
+    # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        if bundle is None:
+            callbacks.log(f"Loading {cfg.base_model}")
+            bundle = load_model(cfg.base_model, cfg.prediction_type or None)
+        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device, precision)
+
+
+def _train(cfg, bundle, callbacks, randomness, device, precision) -> TrainResult:
+    if cfg.resolution % size_multiple(bundle):
+        raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of {size_multiple(bundle)} for this "
+                          f"model (e.g. {max(1, round(cfg.resolution / size_multiple(bundle))) * size_multiple(bundle)})")
+    instance_images = load_image_folder(cfg.instance_dir)
+    class_images = _class_images(cfg, bundle, callbacks, device, precision)
+    frozen_dtype = precision or torch.float32
+    latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, device, frozen_dtype)
+    text = TextConditioning(bundle, cfg, device, frozen_dtype)
+
+    modules = {"unet": bundle.unet}
+    if cfg.train_text_encoder:
+        modules["text_encoder"] = bundle.text_encoder
+    _prepare_for_training(bundle, cfg, modules, device, callbacks)
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = make_optimizer(cfg, params, device)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+
+    fingerprint = _fingerprint(cfg, bundle, instance_images, class_images)
+    state_dir = state_io.state_dir_for(cfg.output)
+    position, losses = _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler,
+                               callbacks)
+    resumed_from = position.step
+
+    def save_state():
+        state_io.save_state(state_dir, fingerprint=fingerprint, position=position, modules=modules,
+                            optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
+                            losses=losses)
+
+    started = time.monotonic()
+    while position.step < cfg.max_train_steps:
+        if callbacks.should_stop():
+            save_state()
+            raise TrainingCancelled(position.step, str(state_dir))
+        if position.epoch_pos >= len(position.epoch_order):
+            position.epoch_order, position.epoch_pos = randomness.epoch_order(latents.num_items), 0
+        items = position.epoch_order[position.epoch_pos:position.epoch_pos + cfg.batch_size]
+        position.epoch_pos += len(items)
+
+        model_input = latents.sample(items, randomness) * bundle.vae.config.scaling_factor
+        noise = randomness.noise(model_input.shape).to(device)
+        timesteps = randomness.timesteps(model_input.shape[0], bundle.noise_scheduler.config.num_train_timesteps)
+        timesteps = timesteps.to(device)
+        noisy = bundle.noise_scheduler.add_noise(model_input, noise, timesteps)
+        with _out_of_memory_help(cfg):
+            with _autocast(device, precision):
+                cond = text.states(len(items), latents.with_prior)
+                pred = bundle.unet(noisy, timesteps, cond).sample
+            target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
+            loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
+            _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
+
+        position.step += 1
+        losses.append(loss.item())
+        elapsed = time.monotonic() - started
+        done_here = position.step - resumed_from
+        callbacks.on_step(StepInfo(
+            step=position.step, total=cfg.max_train_steps, loss=losses[-1], instance_loss=instance_loss.item(),
+            prior_loss=prior_loss.item(), lr=lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,
+            eta_s=elapsed / done_here * (cfg.max_train_steps - position.step)))
+        if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
+            save_state()
+        if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
+            callbacks.on_samples(position.step, _previews(bundle, cfg, device, precision))
+
+    samples = _previews(bundle, cfg, device, precision)
+    if samples:
+        callbacks.on_samples(position.step, samples)
+    _save_output(cfg, bundle, position.step)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
+    return TrainResult(cfg.output, position.step, losses, samples, resumed_from)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _autocast(device: torch.device, precision: torch.dtype | None):
+    return torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
+
+
+class LatentCache:
+    """VAE posteriors (mean, std) of every training image, computed once; the VAE then leaves the GPU."""
+
+    def __init__(self, instance: tuple, prior: tuple | None):
+        self.instance_mean, self.instance_std = instance
+        self.prior_mean, self.prior_std = prior if prior else (None, None)
+
+    @property
+    def with_prior(self) -> bool:
+        return self.prior_mean is not None
+
+    @property
+    def num_items(self) -> int:
+        # As in the reference implementation: one pass pairs every class image with an instance image.
+        n = len(self.instance_mean)
+        return max(n, len(self.prior_mean)) if self.with_prior else n
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, bundle, instance_images, class_images, resolution, device, dtype) -> "LatentCache":
+        bundle.vae.to(device, dtype=dtype).eval()
+        instance = _encode(bundle.vae, instance_images, resolution, device, dtype)
+        prior = _encode(bundle.vae, class_images, resolution, device, dtype) if class_images else None
+        bundle.vae.to("cpu")
+        return cls(instance, prior)
+
+    def sample(self, items: list[int], randomness) -> torch.Tensor:
+        """Posterior samples for a batch: the instance examples, then their paired class examples."""
+        n = len(self.instance_mean)
+        idx = [i % n for i in items]
+        mean, std = self.instance_mean[idx], self.instance_std[idx]
+        if self.with_prior:
+            pidx = [i % len(self.prior_mean) for i in items]
+            mean, std = torch.cat([mean, self.prior_mean[pidx]]), torch.cat([std, self.prior_std[pidx]])
+        return mean + std * randomness.latent_noise(mean.shape).to(mean.device)
+
+
+def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for subject_image in images:
+        pixels = to_training_tensor(subject_image.image, resolution)[None].to(device, dtype)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class TextConditioning:
+    """Encoder states for the instance and class prompts: cached when the text encoder is frozen."""
+
+    def __init__(self, bundle, cfg, device, frozen_dtype):
+        self.encoder = bundle.text_encoder
+        self.trained = cfg.train_text_encoder
+        ids = bundle.tokenizer([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
+                               max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids
+        self.ids = ids.to(device)
+        if not self.trained:
+            self.encoder.to(device, dtype=frozen_dtype).eval()
+            with torch.no_grad():
+                self.cached = self.encoder(self.ids)[0]
+            self.encoder.to("cpu")
+
+    def states(self, n: int, with_prior: bool) -> torch.Tensor:
+        rows = [0] * n + ([1] * n if with_prior else [])
+        if self.trained:
+            return self.encoder(self.ids[rows])[0]
+        return self.cached[rows]
+
+
+def _class_images(cfg, bundle, callbacks, device, precision):
+    if not cfg.with_prior_preservation:
+        return []
+    if cfg.class_dir:
+        return load_image_folder(cfg.class_dir, max_images=100_000)[:cfg.num_class_images]
+    cache_root = cfg.prior_cache_dir or str(Path(cfg.output).resolve().parent / ".dreambooth_priors")
+    callbacks.log(f"Class images: {cfg.num_class_images} of {cfg.class_prompt!r} (cached in {cache_root})")
+    with _autocast(device, precision):
+        paths = ensure_class_priors(
+            bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
+            height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed,
+            device=device, on_progress=lambda done, total: callbacks.log(f"class images {done}/{total}"))
+    return load_image_files(paths)
+
+
+def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
+    _set_attention(bundle.unet, cfg.attention, callbacks)
+    for module in modules.values():
+        module.to(device, dtype=torch.float32).train()
+        module.requires_grad_(True)
+    bundle.vae.requires_grad_(False)
+    if not cfg.train_text_encoder:
+        bundle.text_encoder.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        bundle.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            bundle.text_encoder.gradient_checkpointing_enable()
+
+
+def _set_attention(unet, choice: str, callbacks) -> None:
+    """PyTorch SDPA (memory-efficient / flash kernels) by default; xformers only when asked and it truly runs."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    if choice == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as error:  # missing, or built for another torch/CUDA
+            raise ConfigError(f"attention: xformers does not load here ({error}); choose 'sdpa', which is as "
+                              "memory-efficient on PyTorch 2") from error
+        callbacks.log("Attention: xformers")
+        return
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _out_of_memory_help(cfg):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        raise MemoryError(
+            f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. Turn on "
+            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16', keep "
+            "train_text_encoder off, or lower the resolution. The last saved state is kept; run again to resume."
+        ) from error
+
+
+def _fingerprint(cfg, bundle, instance_images, class_images) -> str:
+    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in _NOT_LEARNING}
+    parts = [json.dumps(settings, sort_keys=True), bundle.source_hash, bundle.source_name,
+             image_fingerprint(instance_images), image_fingerprint(class_images)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
+    fresh = state_io.Position(0, [], 0), []
+    if not cfg.resume:
+        return fresh
+    for candidate in (state_dir, state_dir.with_name(state_dir.name + ".old")):  # .old: crash during a swap
+        meta = state_io.read_state_meta(candidate)
+        if meta is None:
+            continue
+        if meta["fingerprint"] != fingerprint:
+            callbacks.log(f"Not resuming from {candidate}: it was saved with other settings or images")
+            return fresh
+        position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
+                                       lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler)
+        callbacks.log(f"Resuming from step {position.step} ({candidate})")
+        return position, list(meta["losses"])
+    return fresh
+
+
+def _previews(bundle, cfg, device, precision) -> list:
+    if not cfg.sample_prompts:
+        return []
+    seeds = [cfg.seed + i for i in range(len(cfg.sample_prompts))]  # same seeds each time: previews compare
+    with _autocast(device, precision):  # the frozen VAE may be fp16 while the trained UNet is fp32
+        return sample_images(bundle, list(cfg.sample_prompts), seeds=seeds, width=cfg.resolution,
+                             height=cfg.resolution, steps=20, device=device)
+
+
+def _save_output(cfg, bundle, steps: int) -> None:
+    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+        module.to("cpu").eval()
+    metadata = {
+        "modelspec.title": Path(cfg.output).stem,
+        "modelspec.trigger_phrase": cfg.instance_prompt,
+        "dreambooth.identifier": cfg.identifier,
+        "dreambooth.class_noun": cfg.class_noun,
+        "dreambooth.base_model": bundle.source_name,
+        "dreambooth.base_model_sha256": bundle.source_hash,
+        "dreambooth.train_config": cfg.to_json(),
+        "dreambooth.steps": str(steps),
+    }
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(bundle, cfg.output, metadata, dtype=_SAVE_DTYPES[cfg.save_dtype])

@@ -1,0 +1,108 @@
+"""Resumable training state: weights, optimizer, schedule, randomness and data position, without pickle.
+
+Tensors go to safetensors and everything else to JSON, so resuming never unpickles a file. The folder is written
+next to the output as a whole and swapped in by rename, so a crash while saving leaves the previous state usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class Position:
+    step: int  # optimizer steps done
+    epoch_order: list[int]  # dataset order of the current epoch
+    epoch_pos: int  # how many items of that order were used
+
+
+def state_dir_for(output: str) -> Path:
+    path = Path(output)
+    return path.with_name(path.stem + ".state")
+
+
+def save_state(directory: Path, *, fingerprint: str, position: Position, modules: dict[str, torch.nn.Module],
+               optimizer, lr_scheduler, randomness, scaler, losses: list[float]) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {f"{name}.{k}": v.detach().cpu().contiguous()
+               for name, module in modules.items() for k, v in module.state_dict().items()}
+    save_file(weights, tmp / "weights.safetensors")
+    opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
+    opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    meta = {
+        "format": STATE_FORMAT,
+        "fingerprint": fingerprint,
+        "step": position.step,
+        "epoch_order": position.epoch_order,
+        "epoch_pos": position.epoch_pos,
+        "optimizer": opt_rest,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "losses": losses,
+    }
+    (tmp / "state.json").write_text(json.dumps(meta))
+    _swap_in(tmp, directory)
+
+
+def read_state_meta(directory: Path) -> dict | None:
+    try:
+        meta = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("format") == STATE_FORMAT else None
+
+
+def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler, randomness, scaler) -> Position:
+    weights = load_file(directory / "weights.safetensors")
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    opt_tensors = load_file(directory / "optimizer.safetensors")
+    randomness.load_state_dict({"generator": opt_tensors.pop("randomness.generator")})
+    optimizer.load_state_dict(_join_tensors(opt_tensors, meta["optimizer"]))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    if scaler is not None and meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    return Position(meta["step"], meta["epoch_order"], meta["epoch_pos"])
+
+
+def _split_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state -> flat tensors for safetensors, and the JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, entries in optimizer_state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": optimizer_state["param_groups"]}
+
+
+def _join_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, entries in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
