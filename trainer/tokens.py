@@ -1,0 +1,183 @@
+"""Rare-token identifiers for DreamBooth: candidates from the CLIP BPE vocabulary, ranked by a measured prior.
+
+Candidates are word-final vocabulary tokens ("...</w>") of 2-5 lowercase ASCII letters that tokenize back to
+themselves (alone and in "a X dog") and are not English words (trainer/data/english_words.txt), Roman numerals,
+elongations ("hmmmm") or blocked (trainer/data/blocked_tokens.txt: sks and other short tokens with a known meaning).
+An identifier of several tokens joins them with spaces, so each keeps its own token.
+
+Prior strength, measured on the loaded checkpoint, answers: how differently does the model draw "a [V] [class]" from
+"a [class]"? It is the denoiser shift
+
+    strength = sqrt( sum_p ||f(x_p, t_p, "a [V] [class]") - f(x_p, t_p, "a [class]")||^2
+                   / sum_p ||f(x_p, t_p, "a [class]")  - f(x_p, t_p, "")||^2 )
+
+where f is the UNet's prediction (epsilon or v, whatever the checkpoint predicts) and the probes p are fixed seeded
+noised latents at a few timesteps. The denominator is the effect of the whole class prompt over the empty prompt, so
+the number is scale-free across timesteps and checkpoints: 0 means [V] changes nothing, 1 means it moves the model as
+much as naming the class did. This is exactly what a strong prior does (sks turns dogs into rifles) and what training
+has to overcome; a token with a weak prior lets the subject take the identifier over with little language drift.
+
+A cheaper text-encoder shift (mean 1 - cosine similarity between the encoder states of the two prompts, aligned from
+the class noun onwards: class tokens, end token and padding, the states the UNet cross-attends to; the earlier
+positions are identical under CLIP's causal mask) is computed for every candidate first; with `shortlist` only the
+weakest ones by that measure go on to the UNet, which is what a large candidate pool costs on a real checkpoint.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).parent / "data"
+WORD_FINAL = "</w>"
+# Roman numerals are numbers even when written with letters ("iii", "xiv", "mmx").
+ROMAN_NUMERAL = re.compile(r"m{0,4}(cm|cd|d?c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
+# A letter three times in a row is an elongated interjection or tag ("hmmmm", "aaaah", "xxxxx"), not a fresh token.
+ELONGATED = re.compile(r"(.)\1\1")
+# Fixed probes for the denoiser shift: a few timesteps spanning coarse (layout) to fine (texture) denoising.
+PROBE_TIMESTEPS = (250, 500, 750)
+
+
+@dataclass(frozen=True)
+class RankedToken:
+    identifier: str
+    strength: float  # denoiser shift, see the module docstring (lower is a weaker prior)
+    token_ids: tuple[int, ...]
+    text_shift: float  # text-encoder shift, the cheap pre-filter
+
+
+def candidate_identifiers(tokenizer, *, count: int, seed: int, max_tokens: int = 1) -> list[str]:
+    """`count` distinct identifiers drawn from the candidate pool by a seeded shuffle of the sorted pool; with
+    max_tokens > 1 each identifier joins 1..max_tokens pool tokens (seeded too) with spaces."""
+    if not 1 <= max_tokens <= 3:
+        raise ValueError(f"max_tokens must be 1, 2 or 3 (identifiers of up to three tokens), got {max_tokens}")
+    pool = sorted(token_pool(tokenizer))
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    lengths = [rng.randint(1, max_tokens) for _ in range(count)]
+    if sum(lengths) > len(pool):
+        raise ValueError(f"count={count} needs {sum(lengths)} distinct tokens but the pool has {len(pool)}")
+    tokens = iter(pool)
+    return [" ".join(next(tokens) for _ in range(length)) for length in lengths]
+
+
+def token_pool(tokenizer) -> set[str]:
+    """Every single token usable as (part of) an identifier."""
+    vocab = tokenizer.get_vocab()
+    excluded = english_words() | blocked_tokens()
+    names = [token[: -len(WORD_FINAL)] for token in vocab if _is_short_word_token(token)]
+    names = [name for name in names
+             if name not in excluded and not ROMAN_NUMERAL.fullmatch(name) and not ELONGATED.search(name)]
+    return _round_trips(tokenizer, names, vocab)
+
+
+def _is_short_word_token(token: str) -> bool:
+    return token.endswith(WORD_FINAL) and re.fullmatch(r"[a-z]{2,5}", token[: -len(WORD_FINAL)]) is not None
+
+
+def _round_trips(tokenizer, names: list[str], vocab: dict[str, int]) -> set[str]:
+    """Names that come back as their own single token, alone and in a prompt (BPE may split a written word
+    differently from the vocabulary entry)."""
+    alone = tokenizer(names, add_special_tokens=False).input_ids
+    in_prompt = tokenizer([f"a {name} dog" for name in names], add_special_tokens=False).input_ids
+    before, after = _ids(tokenizer, "a"), _ids(tokenizer, "dog")
+    return {name for name, ids, prompt in zip(names, alone, in_prompt)
+            if ids == [vocab[name + WORD_FINAL]] and prompt == before + ids + after}
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@lru_cache(maxsize=1)
+def english_words() -> frozenset[str]:
+    return frozenset(_data_lines("english_words.txt"))
+
+
+@lru_cache(maxsize=1)
+def blocked_tokens() -> frozenset[str]:
+    """All tokens of blocked_tokens.txt; each line is "group: token token ..."."""
+    return frozenset(token for line in _data_lines("blocked_tokens.txt") for token in line.split(":", 1)[1].split())
+
+
+def _data_lines(name: str) -> list[str]:
+    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def prior_strength(bundle, identifier: str, class_noun: str, *, seed: int = 0, latent_size: int = 32) -> float:
+    """Denoiser shift of `identifier` for `class_noun` on this checkpoint (see the module docstring)."""
+    return rank_identifiers(bundle, [identifier], class_noun, seed=seed, latent_size=latent_size)[0].strength
+
+
+@torch.no_grad()
+def rank_identifiers(bundle, candidates: list[str], class_noun: str, *, seed: int = 0, shortlist: int | None = None,
+                     latent_size: int = 32, batch_size: int = 24) -> list[RankedToken]:
+    """Candidates ranked weakest prior first (ties by name). With `shortlist`, only that many candidates with the
+    smallest text-encoder shift are measured on the UNet and returned. `batch_size` bounds each model call (prompts
+    per text-encoder call, samples per UNet call; a conditioning takes one sample per probe). Deterministic for a
+    seed."""
+    if not candidates:
+        return []
+    reference = encode_prompts(bundle, [f"a {class_noun}", ""], batch_size)
+    states = encode_prompts(bundle, [f"a {identifier} {class_noun}" for identifier in candidates], batch_size)
+    token_ids = [tuple(_ids(bundle.tokenizer, identifier)) for identifier in candidates]
+    class_start = 1 + len(_ids(bundle.tokenizer, "a"))  # after the start token and "a"
+    text = [text_shift(reference[0], state, class_start, len(ids)) for state, ids in zip(states, token_ids)]
+    order = sorted(range(len(candidates)), key=lambda i: (text[i], candidates[i]))[:shortlist]
+    strengths = denoiser_shifts(bundle, reference, states[order], seed=seed, latent_size=latent_size,
+                                batch_size=batch_size)
+    ranked = [RankedToken(candidates[i], strength, token_ids[i], text[i]) for i, strength in zip(order, strengths)]
+    return sorted(ranked, key=lambda token: (token.strength, token.identifier))
+
+
+def encode_prompts(bundle, prompts: list[str], batch_size: int) -> torch.Tensor:
+    """The UNet conditioning of each prompt, [len(prompts), 77, width], as the SD1/SD2 pipelines compute it."""
+    tokenizer, encoder = bundle.tokenizer, bundle.text_encoder
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    return torch.cat([encoder(chunk)[0] for chunk in ids.split(batch_size)])
+
+
+def text_shift(reference: torch.Tensor, shifted: torch.Tensor, class_start: int, inserted: int) -> float:
+    """Mean 1 - cosine similarity from the class noun on, position p of `reference` against p + inserted of
+    `shifted` (the prompt with `inserted` identifier tokens before the class noun)."""
+    aligned = reference.shape[0] - inserted
+    similarity = torch.cosine_similarity(reference[class_start:aligned].float(),
+                                         shifted[class_start + inserted:].float(), dim=-1)
+    return (1 - similarity).mean().item()
+
+
+def denoiser_shifts(bundle, reference: torch.Tensor, states: torch.Tensor, *, seed: int, latent_size: int,
+                    batch_size: int) -> list[float]:
+    """Denoiser shift of each conditioning in `states`; `reference` holds the class-prompt and empty-prompt ones."""
+    latents, timesteps = probe_latents(bundle, seed, latent_size)
+    # One pass over reference and candidates keeps the UNet batches the same shape (CPU backends re-plan per shape).
+    class_prediction, empty_prediction, *predictions = predict(bundle.unet, latents, timesteps,
+                                                               torch.cat([reference, states]), batch_size)
+    scale = (class_prediction - empty_prediction).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return [((prediction - class_prediction).pow(2).sum() / scale).sqrt().item() for prediction in predictions]
+
+
+def probe_latents(bundle, seed: int, latent_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded noised latent per probe timestep, drawn on the CPU so every device gets the same probes."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(PROBE_TIMESTEPS), bundle.unet.config.in_channels, latent_size, latent_size)
+    clean, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    timesteps = torch.tensor(PROBE_TIMESTEPS)
+    noisy = bundle.noise_scheduler.add_noise(clean, noise, timesteps)
+    return noisy.to(bundle.unet.device, bundle.unet.dtype), timesteps.to(bundle.unet.device)
+
+
+def predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
+            batch_size: int) -> torch.Tensor:
+    """UNet predictions for every (conditioning, probe) pair, [len(states), probes, C, H, W] in float32."""
+    count, probes = states.shape[0], latents.shape[0]
+    inputs = zip(latents.repeat(count, 1, 1, 1).split(batch_size), timesteps.repeat(count).split(batch_size),
+                 states.to(unet.device, unet.dtype).repeat_interleave(probes, dim=0).split(batch_size))
+    outputs = [unet(x, t, encoder_hidden_states=c).sample.float() for x, t, c in inputs]
+    return torch.cat(outputs).unflatten(0, (count, probes))
