@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError, TrainConfig
 
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
@@ -39,7 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     pick.add_argument("--model", required=True, help="base checkpoint (.safetensors) or diffusers folder")
     pick.add_argument("--class-noun", required=True, help="what the subject is, e.g. dog")
     pick.add_argument("--count", type=int, default=10, help="how many identifiers to list (default 10)")
-    pick.add_argument("--candidates", type=int, default=200, help="how many vocabulary tokens to measure (200)")
+    pick.add_argument("--candidates", type=int, default=200,
+                      help="how many vocabulary tokens to screen with the text encoder (200)")
+    pick.add_argument("--shortlist", type=int, default=40,
+                      help="how many of those to measure on the denoiser, the decisive test (40)")
     pick.add_argument("--seed", type=int, default=0, help="the same seed gives the same list")
     pick.set_defaults(run=_pick_token)
 
@@ -101,11 +106,12 @@ def _add_config_options(parser) -> None:
 
 
 def _pick_token(args) -> int:
-    from .models import load_model
     from .tokens import candidate_identifiers, rank_identifiers
-    bundle = load_model(args.model)
+    bundle = _load_on_device(args.model)
     candidates = candidate_identifiers(bundle.tokenizer, count=args.candidates, seed=args.seed)
-    ranked = rank_identifiers(bundle, candidates, args.class_noun, seed=args.seed)[:args.count]
+    with torch.no_grad():
+        ranked = rank_identifiers(bundle, candidates, args.class_noun, seed=args.seed,
+                                  shortlist=args.shortlist)[:args.count]
     print(f"{'identifier':<12} prior strength   (lower = weaker prior = better)")
     for token in ranked:
         print(f"{token.identifier:<12} {token.strength:.4f}")
@@ -114,9 +120,8 @@ def _pick_token(args) -> int:
 
 
 def _priors(args) -> int:
-    from .models import load_model
     from .priors import ensure_class_priors
-    bundle = load_model(args.model)
+    bundle = _load_on_device(args.model)
     paths = ensure_class_priors(
         bundle, f"a {args.class_noun}", count=args.count, cache_root=args.cache, width=args.size,
         height=args.size, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
@@ -141,9 +146,8 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .models import load_model
     from .sampling import sample_images
-    bundle = load_model(args.model)
+    bundle = _load_on_device(args.model)
     prompts = [p for p in args.prompt for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
     out = Path(args.out)
@@ -154,6 +158,16 @@ def _sample(args) -> int:
         image.save(out / f"{i:03d}-seed{seed}.png")
     print(f"{len(images)} images in {out}")
     return 0
+
+
+def _load_on_device(path: str):
+    from .loop import resolve_device
+    from .models import load_model
+    bundle = load_model(path)
+    device = resolve_device("auto")
+    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        module.to(device).eval()
+    return bundle
 
 
 class _ConsolePrinter:
