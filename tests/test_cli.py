@@ -1,0 +1,83 @@
+"""The command line end to end on a tiny checkpoint file: every sub-command a new user would run."""
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.__main__ import main
+from trainer.checkpoint import read_metadata, save_checkpoint
+from tests.tiny import PHOTOS, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors"
+    save_checkpoint(tiny_bundle("sd1"), path, {}, dtype=torch.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for subject in ("dog", "cat"):
+        (root / subject).mkdir()
+        for i in range(2):
+            shutil.copy(PHOTOS / subject / f"0{i}.jpg", root / subject)
+    return root
+
+
+@pytest.mark.parametrize("command", ["pick-token", "priors", "train", "sample"])
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage:" in text and "--model" in text
+
+
+def test_train_then_sample(base_model, photos, tmp_path, capsys):
+    out = tmp_path / "zwx-dog.safetensors"
+    code = main(["train", "--model", str(base_model), "--images", str(photos / "dog"),
+                 "--class-dir", str(photos / "cat"), "--identifier", "zwx", "--class-noun", "dog",
+                 "--output", str(out), "--resolution", "32", "--max-train-steps", "2", "--num-class-images", "2",
+                 "--optimizer", "adamw", "--learning-rate", "1e-4"])
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(out)["modelspec.trigger_phrase"] == "a zwx dog"
+    assert "a zwx dog" in capsys.readouterr().out
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model", str(out), "--prompt", "a zwx dog", "--count", "2", "--size", "32",
+                 "--steps", "2", "--out", str(samples)]) == 0
+    pngs = sorted(samples.glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (32, 32) for p in pngs)
+
+
+def test_pick_token_lists_ranked_identifiers(base_model, capsys):
+    assert main(["pick-token", "--model", str(base_model), "--class-noun", "dog", "--count", "3",
+                 "--candidates", "12", "--shortlist", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[1:4]]
+    strengths = [float(row[1]) for row in rows]
+    assert strengths == sorted(strengths) and all(row[0].isalpha() for row in rows)
+    assert f"--identifier {rows[0][0]}" in lines[-1]
+
+
+def test_priors_are_cached(base_model, tmp_path, capsys):
+    args = ["priors", "--model", str(base_model), "--class-noun", "dog", "--count", "2", "--size", "32",
+            "--steps", "2", "--cache", str(tmp_path)]
+    assert main(args) == 0
+    pngs = sorted(tmp_path.rglob("*.png"))
+    assert len(pngs) == 2
+    stamps = [p.stat().st_mtime_ns for p in pngs]
+    assert main(args) == 0  # a second run reuses the cache
+    assert [p.stat().st_mtime_ns for p in pngs] == stamps
+
+
+def test_a_pickle_is_refused_with_advice(photos, tmp_path, capsys):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04not really")
+    code = main(["train", "--model", str(ckpt), "--images", str(photos / "dog"), "--identifier", "zwx",
+                 "--class-noun", "dog", "--output", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.ckpt" in err and "pickle" in err.lower()
