@@ -10,7 +10,8 @@ from trainer import dataset
 from trainer.dataset import (ImageError, SubjectImage, center_crop_box, image_fingerprint, load_image_files,
                              load_image_folder, resized_size, to_training_tensor)
 
-DOG = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "dog"
+from tests.tiny import PHOTOS
+DOG = PHOTOS / "dog"
 
 
 def save(image: Image.Image, path: Path, **params) -> Path:
