@@ -9,8 +9,8 @@ from PIL import Image
 from trainer import dataset
 from trainer.dataset import (ImageError, SubjectImage, center_crop_box, image_fingerprint, load_image_files,
                              load_image_folder, resized_size, to_training_tensor)
-
 from tests.tiny import PHOTOS
+
 DOG = PHOTOS / "dog"
 
 
