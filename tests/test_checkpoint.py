@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.tiny import tiny_bundle
 from trainer import checkpoint
-from trainer.checkpoint import read_metadata, save_checkpoint
+from trainer.checkpoint import output_path, read_metadata, save_checkpoint
 from trainer.models import ModelBundle
 
 MODULES = ("unet", "vae", "text_encoder")
@@ -216,3 +216,14 @@ def test_a_failed_save_keeps_the_previous_file_intact(tmp_path, monkeypatch, fai
     else:
         assert raised.value.errno == errno.ENOSPC
         assert "Not enough disk space" in message and "free" in message and "GB" in message
+
+
+@pytest.mark.parametrize("name", ["../evil", "sub/dir", "a\\b", "C:model", "", "  ", ".hidden", "..", "a\nb"])
+def test_output_names_that_could_escape_the_folder_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="not a plain file name"):
+        output_path(tmp_path, name)
+
+
+def test_plain_output_names_land_in_the_folder(tmp_path):
+    assert output_path(tmp_path, "zwx dog v2") == tmp_path / "zwx dog v2.safetensors"
+    assert output_path(tmp_path, "zwx-dog.safetensors") == tmp_path / "zwx-dog.safetensors"

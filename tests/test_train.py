@@ -155,3 +155,20 @@ def test_without_prior_preservation_no_class_images_are_used(images, tmp_path):
 def test_bad_settings_name_the_setting(images, tmp_path, override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         train(config(images, tmp_path, **override), bundle=tiny_bundle("sd1"))
+
+
+def test_adamw8bit_trains_and_resumes_exactly(images, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    settings = dict(max_train_steps=4, checkpoint_every=2, optimizer="adamw8bit")
+    straight = tiny_bundle("sd1")
+    unet0 = weights(straight.unet)
+    train(config(images, tmp_path / "straight", **settings), bundle=straight)
+    assert max_change(unet0, straight.unet) > 1e-4
+
+    cfg = config(images, tmp_path / "resumed", **settings)
+    with pytest.raises(RuntimeError):
+        train(cfg, bundle=tiny_bundle("sd1"), callbacks=CrashAt(3))
+    resumed = tiny_bundle("sd1")
+    assert train(cfg, bundle=resumed).resumed_from == 2  # its quantized moments came back from safetensors
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

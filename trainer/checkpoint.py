@@ -360,3 +360,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a .safetensors file ({} when it has none)."""
     with open_checkpoint(path) as file:
         return dict(file.metadata() or {})
+
+
+# --- output names ----------------------------------------------------------------------------------------------
+
+_FORBIDDEN_IN_NAME = set('/\\:*?"<>|') | {chr(c) for c in range(32)}
+
+
+def output_path(folder: str | os.PathLike, name: str) -> Path:
+    """`folder/name.safetensors` for a name typed by a user, refusing anything that could land outside `folder`."""
+    stem = name.strip().removesuffix(".safetensors")
+    bad = sorted(_FORBIDDEN_IN_NAME.intersection(stem))
+    if not stem or stem in (".", "..") or stem.startswith(".") or bad:
+        shown = ", ".join(repr(c) for c in bad) or "a leading dot"
+        raise ValueError(f"Output name {name!r} is not a plain file name ({shown if stem else 'it is empty'}). "
+                         "Use letters, digits, spaces, '-' or '_', e.g. 'zwx-dog'; the file goes into "
+                         f"{Path(folder)}.")
+    return Path(folder) / f"{stem}.safetensors"

@@ -147,6 +147,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move, and cast only when needed (diffusers warns on every dtype cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
 def _autocast(device: torch.device, precision: torch.dtype | None):
     return torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
 
@@ -171,7 +179,7 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def build(cls, bundle, instance_images, class_images, resolution, device, dtype) -> "LatentCache":
-        bundle.vae.to(device, dtype=dtype).eval()
+        _place(bundle.vae, device, dtype).eval()
         instance = _encode(bundle.vae, instance_images, resolution, device, dtype)
         prior = _encode(bundle.vae, class_images, resolution, device, dtype) if class_images else None
         bundle.vae.to("cpu")
@@ -208,7 +216,7 @@ class TextConditioning:
                                max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids
         self.ids = ids.to(device)
         if not self.trained:
-            self.encoder.to(device, dtype=frozen_dtype).eval()
+            _place(self.encoder, device, frozen_dtype).eval()
             with torch.no_grad():
                 self.cached = self.encoder(self.ids)[0]
             self.encoder.to("cpu")
@@ -238,7 +246,7 @@ def _class_images(cfg, bundle, callbacks, device, precision):
 def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
     _set_attention(bundle.unet, cfg.attention, callbacks)
     for module in modules.values():
-        module.to(device, dtype=torch.float32).train()
+        _place(module, device, torch.float32).train()
         module.requires_grad_(True)
     bundle.vae.requires_grad_(False)
     if not cfg.train_text_encoder:

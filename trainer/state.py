@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FORMAT = 1
+_TENSOR = "__tensor__"  # marks where a tensor stood in the JSON part of the optimizer state
 
 
 @dataclass
@@ -78,25 +79,31 @@ def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler,
 
 
 def _split_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state -> flat tensors for safetensors, and the JSON-able rest."""
-    tensors, scalars = {}, {}
-    for index, entries in optimizer_state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"scalars": scalars, "param_groups": optimizer_state["param_groups"]}
+    """Optimizer state -> flat tensors for safetensors (named by their path) and the JSON-able rest.
+
+    Entries may nest (bitsandbytes keeps its 8-bit moments in a dict per parameter), so walk them recursively."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def split(value, path: str):
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().clone()  # own memory: bitsandbytes shares one qmap
+            return {_TENSOR: path}
+        if isinstance(value, dict):
+            return {str(k): split(v, f"{path}/{k}") for k, v in value.items()}
+        return value
+
+    rest = {str(index): split(entries, f"state/{index}") for index, entries in optimizer_state["state"].items()}
+    return tensors, {"state": rest, "param_groups": optimizer_state["param_groups"]}
 
 
 def _join_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for index, entries in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
-    return {"state": state, "param_groups": rest["param_groups"]}
+    def join(value):
+        if isinstance(value, dict):
+            return tensors[value[_TENSOR]] if set(value) == {_TENSOR} else {k: join(v) for k, v in value.items()}
+        return value
+
+    return {"state": {int(index): join(entries) for index, entries in rest["state"].items()},
+            "param_groups": rest["param_groups"]}
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
