@@ -172,3 +172,16 @@ def test_adamw8bit_trains_and_resumes_exactly(images, tmp_path):
     assert train(cfg, bundle=resumed).resumed_from == 2  # its quantized moments came back from safetensors
     a, b = straight.unet.state_dict(), resumed.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_images_passed_in_train_like_the_same_folder(images, tmp_path):
+    from trainer.dataset import load_image_folder
+    from_folder = tiny_bundle("sd1")
+    train(config(images, tmp_path / "a", max_train_steps=2), bundle=from_folder)
+    passed = tiny_bundle("sd1")
+    train(config(images, tmp_path / "b", max_train_steps=2, instance_dir="", class_dir=""), bundle=passed,
+          instance_images=load_image_folder(images / "dog"), class_images=load_image_folder(images / "cat"))
+    a, b = from_folder.unet.state_dict(), passed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="3-5 photos"):
+        train(config(images, tmp_path / "c", instance_dir=""), bundle=tiny_bundle("sd1"), instance_images=[])

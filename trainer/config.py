@@ -83,7 +83,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         _require(self.base_model, "base_model", "give the base checkpoint (.safetensors) or diffusers folder")
-        _require(self.instance_dir, "instance_dir", "give the folder with 3-5 photos of your subject")
         _require(self.identifier.strip(), "identifier", "pick one with `python -m trainer pick-token`")
         _require(self.class_noun.strip(), "class_noun", "say what the subject is, e.g. 'dog'")
         _require(self.output, "output", "give the path of the .safetensors file to write")

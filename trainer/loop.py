@@ -20,7 +20,7 @@ from . import state as state_io
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .dataset import image_fingerprint, load_image_files, load_image_folder, to_training_tensor
+from .dataset import SubjectImage, image_fingerprint, load_image_files, load_image_folder, to_training_tensor
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
@@ -44,9 +44,15 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callbacks | None = None,
-          randomness=None) -> TrainResult:
-    """Fine-tune `bundle` (loaded from cfg.base_model when None) in place and write cfg.output."""
+          randomness=None, instance_images: list[SubjectImage] | None = None,
+          class_images: list[SubjectImage] | None = None) -> TrainResult:
+    """Fine-tune `bundle` (loaded from cfg.base_model when None) in place and write cfg.output.
+
+    Photos come from cfg.instance_dir unless given as `instance_images`; class images from `class_images`, else
+    cfg.class_dir, else the prior cache (generated on demand)."""
     cfg.validate()
+    if instance_images is None and not cfg.instance_dir:
+        raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.mixed_precision, device)
@@ -55,15 +61,23 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
             bundle = load_model(cfg.base_model, cfg.prediction_type or None)
-        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device, precision)
+        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device, precision,
+                      instance_images, class_images)
 
 
-def _train(cfg, bundle, callbacks, randomness, device, precision) -> TrainResult:
+def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images) -> TrainResult:
     if cfg.resolution % size_multiple(bundle):
         raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of {size_multiple(bundle)} for this "
                           f"model (e.g. {max(1, round(cfg.resolution / size_multiple(bundle))) * size_multiple(bundle)})")
-    instance_images = load_image_folder(cfg.instance_dir)
-    class_images = _class_images(cfg, bundle, callbacks, device, precision)
+    if instance_images is None:
+        instance_images = load_image_folder(cfg.instance_dir)
+    elif not 1 <= len(instance_images) <= 100:
+        raise ConfigError(f"instance images: got {len(instance_images)}; DreamBooth needs 3-5 photos of one subject "
+                          "(1 to 100 are accepted)")
+    if not cfg.with_prior_preservation:
+        class_images = []
+    elif class_images is None:
+        class_images = _class_images(cfg, bundle, callbacks, device, precision)
     frozen_dtype = precision or torch.float32
     latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, device, frozen_dtype)
     text = TextConditioning(bundle, cfg, device, frozen_dtype)
@@ -229,8 +243,6 @@ class TextConditioning:
 
 
 def _class_images(cfg, bundle, callbacks, device, precision):
-    if not cfg.with_prior_preservation:
-        return []
     if cfg.class_dir:
         return load_image_folder(cfg.class_dir, max_images=100_000)[:cfg.num_class_images]
     cache_root = cfg.prior_cache_dir or str(Path(cfg.output).resolve().parent / ".dreambooth_priors")
