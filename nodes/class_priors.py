@@ -1,0 +1,50 @@
+from comfy_api.latest import io
+
+from . import comfy_hooks
+from .comfy_io import pil_to_image_batch
+
+CATEGORY = "DreamBooth"
+
+
+class GenerateClassPriors(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DBStudioGenerateClassPriors",
+            display_name="Generate Class Priors",
+            category=CATEGORY,
+            description="Images of 'a [class noun]' drawn by the frozen base model, for prior preservation. Cached on "
+                        "disk: the same settings never generate twice, asking for more adds only the missing ones.",
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
+                               tooltip="The base checkpoint you will train."),
+                io.String.Input("class_noun", default="dog", tooltip="The prompt is 'a [class noun]'."),
+                io.Int.Input("count", default=200, min=1, max=5000, tooltip="How many images (the paper: a few hundred)."),
+                io.Int.Input("size", default=512, min=64, max=2048, step=64,
+                             tooltip="Width and height; use the training resolution."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps per image."),
+                io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.5,
+                               tooltip="Classifier-free guidance."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Image i uses seed + i."),
+            ],
+            outputs=[io.Image.Output("class_images", tooltip="The class images, for DreamBooth Train.")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, class_noun, count, size, steps, guidance, seed) -> io.NodeOutput:
+        from ..trainer.models import load_model
+        from ..trainer.priors import ensure_class_priors, load_prior_images
+
+        bundle = load_model(comfy_hooks.checkpoint_path(ckpt_name))
+        progress = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, count)
+
+        def on_progress(done, total):
+            comfy_hooks.raise_if_interrupted()
+            progress.bar.update_absolute(done, total)
+
+        paths = ensure_class_priors(bundle, f"a {class_noun.strip()}", count=count,
+                                    cache_root=comfy_hooks.prior_cache_folder(), width=size, height=size, steps=steps,
+                                    guidance=guidance, seed=seed, device=comfy_hooks.device(), on_progress=on_progress)
+        comfy_hooks.release(bundle)
+        return io.NodeOutput(pil_to_image_batch(load_prior_images(paths)))

@@ -1,0 +1,77 @@
+"""The ComfyUI side of a run: model folders, progress bar, live messages to the page, cancel, memory."""
+from __future__ import annotations
+
+import gc
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from server import PromptServer
+
+from ..trainer.callbacks import Callbacks, StepInfo
+
+OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
+
+
+def checkpoint_names() -> list[str]:
+    return folder_paths.get_filename_list("checkpoints")
+
+
+def checkpoint_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise("checkpoints", name)
+
+
+def output_folder() -> str:
+    return f"{folder_paths.get_folder_paths('checkpoints')[0]}/{OUTPUT_SUBFOLDER}"
+
+
+def prior_cache_folder() -> str:
+    return f"{folder_paths.get_output_directory()}/dreambooth_priors"
+
+
+def device() -> str:
+    return str(comfy.model_management.get_torch_device())
+
+
+def free_comfy_models() -> None:
+    """Give the GPU to training: ComfyUI's own loaded models leave first."""
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+
+
+def release(*objects) -> None:
+    """Drop what the pack loaded and hand the memory back."""
+    del objects
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+
+
+def raise_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class ComfyCallbacks(Callbacks):
+    """Progress bar every step, a status line and loss points for web/, previews, and the stop button."""
+
+    def __init__(self, node_id: str, total: int):
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def send(self, event: str, **data) -> None:
+        PromptServer.instance.send_sync(f"dreambooth.{event}", {"node": self.node_id, **data})
+
+    def on_step(self, info: StepInfo) -> None:
+        self.bar.update_absolute(info.step, info.total)
+        self.send("progress", step=info.step, total=info.total, loss=info.loss, instance_loss=info.instance_loss,
+                  prior_loss=info.prior_loss, lr=info.lr, elapsed_s=info.elapsed_s, eta_s=info.eta_s)
+
+    def should_stop(self) -> bool:
+        return comfy.model_management.processing_interrupted()
+
+    def on_samples(self, step: int, images: list) -> None:
+        if images:
+            self.bar.update_absolute(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
+
+    def log(self, message: str) -> None:
+        print(f"[DreamBooth] {message}")
+        self.send("status", text=message)

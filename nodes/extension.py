@@ -1,0 +1,12 @@
+"""The pack's node list, as ComfyUI's V3 API asks for it."""
+from comfy_api.latest import ComfyExtension, io
+
+from .class_priors import GenerateClassPriors
+from .load_subject import LoadSubjectModel
+from .pick_token import PickRareToken
+from .train import DreamBoothTrain
+
+
+class DreamBoothExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel]

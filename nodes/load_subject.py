@@ -1,0 +1,39 @@
+from comfy_api.latest import io
+
+from . import comfy_hooks
+from .comfy_io import read_trigger_phrase
+
+CATEGORY = "DreamBooth"
+
+
+class LoadSubjectModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DBStudioLoadSubjectModel",
+            display_name="Load Subject Model",
+            category=CATEGORY,
+            description="Loads a DreamBooth checkpoint like Load Checkpoint does, plus the trigger phrase it was "
+                        "trained with, ready to put into your prompt.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
+                               tooltip="A checkpoint; trained ones are under dreambooth/. Wire DreamBooth Train's "
+                                       "ckpt_name here to load what it just made."),
+            ],
+            outputs=[
+                io.Model.Output("model"),
+                io.Clip.Output("clip"),
+                io.Vae.Output("vae"),
+                io.String.Output("trigger_phrase", tooltip="e.g. 'a zwx dog' (empty for other checkpoints)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name) -> io.NodeOutput:
+        import comfy.sd
+        import folder_paths
+
+        path = comfy_hooks.checkpoint_path(ckpt_name)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(model, clip, vae, read_trigger_phrase(path))

@@ -1,0 +1,46 @@
+from comfy_api.latest import io, ui
+
+from . import comfy_hooks
+
+CATEGORY = "DreamBooth"
+
+
+class PickRareToken(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DBStudioPickRareToken",
+            display_name="Pick Rare Token",
+            category=CATEGORY,
+            description="Proposes rare one-token identifiers and ranks them by how little they move this checkpoint "
+                        "(a weak prior is what the subject can take over). Never 'sks'.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
+                               tooltip="The base checkpoint you will train (SD 1.x or 2.x)."),
+                io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
+                io.Int.Input("candidates", default=8, min=1, max=50,
+                             tooltip="How many ranked identifiers to show on the node."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Which vocabulary tokens are tried; the same seed gives the same list."),
+            ],
+            outputs=[
+                io.String.Output("identifier", tooltip="The best (weakest-prior) identifier, e.g. for DreamBooth Train."),
+                io.String.Output("instance_prompt", tooltip="'a [identifier] [class noun]'"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, class_noun, candidates, seed) -> io.NodeOutput:
+        from ..trainer.models import load_model
+        from ..trainer.tokens import candidate_identifiers, rank_identifiers
+
+        bundle = load_model(comfy_hooks.checkpoint_path(ckpt_name))
+        for module in (bundle.unet, bundle.text_encoder):
+            module.to(comfy_hooks.device())
+        pool = candidate_identifiers(bundle.tokenizer, count=200, seed=seed)
+        ranked = rank_identifiers(bundle, pool, class_noun.strip(), seed=seed, shortlist=40)[:candidates]
+        comfy_hooks.release(bundle)
+        table = "\n".join(f"{t.identifier:<8} prior strength {t.strength:.3f}" for t in ranked)
+        best = ranked[0].identifier
+        return io.NodeOutput(best, f"a {best} {class_noun.strip()}",
+                             ui=ui.PreviewText(f"weakest prior first:\n{table}"))

@@ -1,0 +1,129 @@
+from comfy_api.latest import io, ui
+
+from . import comfy_hooks
+from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch
+
+CATEGORY = "DreamBooth"
+OPTIMIZERS = ["auto", "adamw8bit", "adamw"]
+ATTENTIONS = ["auto", "sdpa", "xformers"]
+PRECISIONS = ["auto", "no", "fp16", "bf16"]
+PRESETS = ["custom", "8 GB", "12 GB", "24 GB+"]
+
+
+class DreamBoothTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DBStudioTrain",
+            display_name="DreamBooth Train",
+            category=CATEGORY,
+            description="Fine-tunes the checkpoint on your photos with prior preservation and saves it to "
+                        "models/checkpoints/dreambooth/. The stop button ends the run after the current step; "
+                        "queueing again resumes it.",
+            is_output_node=True,
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
+                               tooltip="The base checkpoint (SD 1.x or 2.x, .safetensors)."),
+                io.Image.Input("instance_images", optional=True,
+                               tooltip="3-5 photos of your subject as an IMAGE batch (all one size). Or use "
+                                       "instance_folder for photos of different sizes."),
+                io.String.Input("instance_folder", default="", optional=True,
+                                tooltip="A folder with 3-5 photos of the subject; used when instance_images is not "
+                                        "connected."),
+                io.String.Input("identifier", default="", tooltip="The rare token, e.g. from Pick Rare Token."),
+                io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Class images (Generate Class Priors). If not connected they are generated "
+                                       "and cached on the way."),
+                io.Int.Input("num_class_images", default=200, min=1, max=5000,
+                             tooltip="How many class images to generate when class_images is not connected."),
+                io.Int.Input("steps", default=400, min=1, max=20000,
+                             tooltip="About 80-120 per photo; more over-fits (the subject appears everywhere)."),
+                io.Float.Input("learning_rate", default=2e-6, min=1e-7, max=1e-3, step=1e-7, round=False,
+                               tooltip="1e-6 to 5e-6 for a full fine-tune."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the class-image loss (lambda; the paper uses 1.0). 0 turns prior "
+                                       "preservation off."),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also fine-tune the text encoder: better likeness, more memory."),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
+                             tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Photos per step."),
+                io.Combo.Input("optimizer", options=OPTIMIZERS,
+                               tooltip="adamw8bit uses least memory; auto = adamw8bit on CUDA."),
+                io.Combo.Input("attention", options=ATTENTIONS,
+                               tooltip="PyTorch SDPA by default; xformers only if installed and working."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Much less memory for about 20% more time."),
+                io.Combo.Input("precision", options=PRECISIONS,
+                               tooltip="Mixed precision; auto = bf16 where the GPU supports it, else fp16."),
+                io.Combo.Input("memory_preset", options=PRESETS,
+                               tooltip="Pick your card's memory to set optimizer, precision and checkpointing for "
+                                       "you; 'custom' uses the settings above."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="The same seed and settings give the same model."),
+                io.String.Input("output_name", default="zwx-dog",
+                                tooltip="File name (no folders) under models/checkpoints/dreambooth/."),
+                io.String.Input("sample_prompt", default="", optional=True,
+                                tooltip="Prompt for the sample images; empty = '[instance prompt] on the beach'."),
+            ],
+            outputs=[
+                io.AnyType.Output("ckpt_name", tooltip="The saved checkpoint, e.g. for Load Subject Model."),
+                io.Image.Output("loss_curve"),
+                io.Image.Output("samples"),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, instance_folder="", **_) -> str:
+        # ComfyUI caches by input values; a folder's photos can change behind the same path.
+        return folder_fingerprint(instance_folder)
+
+    @classmethod
+    def execute(cls, ckpt_name, identifier, class_noun, num_class_images, steps, learning_rate, prior_loss_weight,
+                train_text_encoder, resolution, batch_size, optimizer, attention, gradient_checkpointing, precision,
+                memory_preset, seed, output_name, instance_images=None, instance_folder="", class_images=None,
+                sample_prompt="") -> io.NodeOutput:
+        from ..trainer.callbacks import TrainingCancelled
+        from ..trainer.checkpoint import output_path
+        from ..trainer.config import TrainConfig
+        from ..trainer.dataset import SubjectImage
+        from ..trainer.loop import train
+        from ..trainer.plots import loss_curve
+        from ..trainer.presets import apply_preset
+
+        output = output_path(comfy_hooks.output_folder(), output_name)
+        instance_prompt = f"a {identifier.strip()} {class_noun.strip()}"
+        cfg = apply_preset(TrainConfig(
+            base_model=comfy_hooks.checkpoint_path(ckpt_name), instance_dir=instance_folder.strip(),
+            identifier=identifier.strip(), class_noun=class_noun.strip(), output=str(output),
+            with_prior_preservation=prior_loss_weight > 0, prior_loss_weight=prior_loss_weight,
+            num_class_images=num_class_images if class_images is None else len(class_images),
+            prior_cache_dir=comfy_hooks.prior_cache_folder(), resolution=resolution, batch_size=batch_size,
+            max_train_steps=steps, learning_rate=learning_rate, train_text_encoder=train_text_encoder,
+            optimizer=optimizer, attention=attention, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=precision, seed=seed, device=comfy_hooks.device(),
+            sample_prompts=[sample_prompt.strip() or f"{instance_prompt} on the beach"],
+        ), memory_preset)
+
+        def as_subjects(batch, kind):
+            return None if batch is None else [SubjectImage(f"{kind}_{i:03d}", image)
+                                               for i, image in enumerate(image_batch_to_pil(batch))]
+
+        comfy_hooks.free_comfy_models()
+        callbacks = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, steps)
+        try:
+            result = train(cfg, callbacks=callbacks, instance_images=as_subjects(instance_images, "instance"),
+                           class_images=as_subjects(class_images, "class"))
+        except TrainingCancelled as cancelled:
+            callbacks.log(str(cancelled))
+            comfy_hooks.raise_if_interrupted()  # ComfyUI's own interrupt: the queue shows "stopped", not "failed"
+            raise
+        finally:
+            comfy_hooks.release()
+        name = f"{comfy_hooks.OUTPUT_SUBFOLDER}/{output.name}"
+        callbacks.send("done", output=name, steps=result.steps)
+        samples = pil_to_image_batch(result.samples)
+        return io.NodeOutput(name, pil_to_image_batch([loss_curve(result.losses)]), samples,
+                             ui=ui.PreviewImage(samples, cls=cls))
