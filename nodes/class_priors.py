@@ -26,7 +26,8 @@ class GenerateClassPriors(io.ComfyNode):
                 io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps per image."),
                 io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.5,
                                tooltip="Classifier-free guidance."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Image i uses seed + i."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Image i uses seed + i."),
             ],
             outputs=[io.Image.Output("class_images", tooltip="The class images, for DreamBooth Train.")],
         )

@@ -20,7 +20,7 @@ class PickRareToken(io.ComfyNode):
                 io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
                 io.Int.Input("candidates", default=8, min=1, max=50,
                              tooltip="How many ranked identifiers to show on the node."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Which vocabulary tokens are tried; the same seed gives the same list."),
             ],
             outputs=[

@@ -25,17 +25,8 @@ class DreamBoothTrain(io.ComfyNode):
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
                                tooltip="The base checkpoint (SD 1.x or 2.x, .safetensors)."),
-                io.Image.Input("instance_images", optional=True,
-                               tooltip="3-5 photos of your subject as an IMAGE batch (all one size). Or use "
-                                       "instance_folder for photos of different sizes."),
-                io.String.Input("instance_folder", default="", optional=True,
-                                tooltip="A folder with 3-5 photos of the subject; used when instance_images is not "
-                                        "connected."),
                 io.String.Input("identifier", default="", tooltip="The rare token, e.g. from Pick Rare Token."),
                 io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
-                io.Image.Input("class_images", optional=True,
-                               tooltip="Class images (Generate Class Priors). If not connected they are generated "
-                                       "and cached on the way."),
                 io.Int.Input("num_class_images", default=200, min=1, max=5000,
                              tooltip="How many class images to generate when class_images is not connected."),
                 io.Int.Input("steps", default=400, min=1, max=20000,
@@ -61,12 +52,21 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Combo.Input("memory_preset", options=PRESETS,
                                tooltip="Pick your card's memory to set optimizer, precision and checkpointing for "
                                        "you; 'custom' uses the settings above."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="The same seed and settings give the same model."),
                 io.String.Input("output_name", default="zwx-dog",
                                 tooltip="File name (no folders) under models/checkpoints/dreambooth/."),
                 io.String.Input("sample_prompt", default="", optional=True,
                                 tooltip="Prompt for the sample images; empty = '[instance prompt] on the beach'."),
+                io.Image.Input("instance_images", optional=True,
+                               tooltip="3-5 photos of your subject as an IMAGE batch (all one size). Or use "
+                                       "instance_folder for photos of different sizes."),
+                io.String.Input("instance_folder", default="", optional=True,
+                                tooltip="A folder with 3-5 photos of the subject; used when instance_images is not "
+                                        "connected."),
+                io.Image.Input("class_images", optional=True,
+                               tooltip="Class images (Generate Class Priors). If not connected they are generated "
+                                       "and cached on the way."),
             ],
             outputs=[
                 io.AnyType.Output("ckpt_name", tooltip="The saved checkpoint, e.g. for Load Subject Model."),
