@@ -41,8 +41,7 @@ class GenerateClassPriors(io.ComfyNode):
         progress = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, count)
 
         def on_progress(done, total):
-            comfy_hooks.raise_if_interrupted()
-            progress.bar.update_absolute(done, total)
+            progress.bar.update_absolute(done, total)  # raises on the stop button; finished images stay cached
 
         paths = ensure_class_priors(bundle, f"a {class_noun.strip()}", count=count,
                                     cache_root=comfy_hooks.prior_cache_folder(), width=size, height=size, steps=steps,

@@ -10,6 +10,7 @@ from server import PromptServer
 
 from ..trainer.callbacks import Callbacks, StepInfo
 
+Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
 
 
@@ -46,31 +47,36 @@ def release(*objects) -> None:
     comfy.model_management.soft_empty_cache()
 
 
-def raise_if_interrupted() -> None:
-    comfy.model_management.throw_exception_if_processing_interrupted()
-
-
 class ComfyCallbacks(Callbacks):
     """Progress bar every step, a status line and loss points for web/, previews, and the stop button."""
 
     def __init__(self, node_id: str, total: int):
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.stop_requested = False
 
     def send(self, event: str, **data) -> None:
         PromptServer.instance.send_sync(f"dreambooth.{event}", {"node": self.node_id, **data})
 
     def on_step(self, info: StepInfo) -> None:
-        self.bar.update_absolute(info.step, info.total)
+        self.update_bar(info.step, info.total)
         self.send("progress", step=info.step, total=info.total, loss=info.loss, instance_loss=info.instance_loss,
                   prior_loss=info.prior_loss, lr=info.lr, elapsed_s=info.elapsed_s, eta_s=info.eta_s)
 
+    def update_bar(self, value: int, total: int, preview=None) -> None:
+        # ComfyUI's progress hook raises on the stop button (and clears the flag); remember it instead, so the
+        # loop can save a resumable state before it stops.
+        try:
+            self.bar.update_absolute(value, total, preview)
+        except Interrupted:
+            self.stop_requested = True
+
     def should_stop(self) -> bool:
-        return comfy.model_management.processing_interrupted()
+        return self.stop_requested or comfy.model_management.processing_interrupted()
 
     def on_samples(self, step: int, images: list) -> None:
         if images:
-            self.bar.update_absolute(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
+            self.update_bar(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
 
     def log(self, message: str) -> None:
         print(f"[DreamBooth] {message}")

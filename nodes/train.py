@@ -69,7 +69,8 @@ class DreamBoothTrain(io.ComfyNode):
                                        "and cached on the way."),
             ],
             outputs=[
-                io.AnyType.Output("ckpt_name", tooltip="The saved checkpoint, e.g. for Load Subject Model."),
+                io.AnyType.Output("checkpoint", tooltip="The saved checkpoint's name: wire it to Load Subject "
+                                                        "Model's ckpt_name."),
                 io.Image.Output("loss_curve"),
                 io.Image.Output("samples"),
             ],
@@ -118,8 +119,7 @@ class DreamBoothTrain(io.ComfyNode):
                            class_images=as_subjects(class_images, "class"))
         except TrainingCancelled as cancelled:
             callbacks.log(str(cancelled))
-            comfy_hooks.raise_if_interrupted()  # ComfyUI's own interrupt: the queue shows "stopped", not "failed"
-            raise
+            raise comfy_hooks.Interrupted() from cancelled  # ComfyUI shows "interrupted", not a failure
         finally:
             comfy_hooks.release()
         name = f"{comfy_hooks.OUTPUT_SUBFOLDER}/{output.name}"

@@ -251,8 +251,14 @@ def _class_images(cfg, bundle, callbacks, device, precision):
         paths = ensure_class_priors(
             bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
             height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed,
-            device=device, on_progress=lambda done, total: callbacks.log(f"class images {done}/{total}"))
+            device=device, on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root))
     return load_image_files(paths)
+
+
+def _prior_progress(callbacks, done: int, total: int, cache_root: str) -> None:
+    callbacks.log(f"Class images {done}/{total}")
+    if done < total and callbacks.should_stop():
+        raise TrainingCancelled(0, cache_root)  # the images made so far stay in the cache
 
 
 def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
