@@ -16,7 +16,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from trainer.checkpoint import (META_CONFIG_KEYS, META_PREDICTION_TYPE, TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY,
+from .checkpoint import (META_CONFIG_KEYS, META_PREDICTION_TYPE, TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY,
                                 VAE_PREFIX, ModelLoadError, modules_to_ldm, open_checkpoint, read_tensor, unet_to_ldm)
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from trainer.models import ModelBundle
-from trainer.sampling import sample_images, validate_settings
+from .models import ModelBundle
+from .sampling import sample_images, validate_settings
 
 CACHE_FORMAT = 1  # bump when a change to sampling alters the pixels of existing caches
 KEY_LENGTH = 16

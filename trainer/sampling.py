@@ -20,7 +20,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from trainer.models import ModelBundle
+from .models import ModelBundle
 
 # Sampler name -> scheduler class and the settings that make it the sampler users know by that name.
 SAMPLERS = {
