@@ -185,3 +185,11 @@ def test_images_passed_in_train_like_the_same_folder(images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="3-5 photos"):
         train(config(images, tmp_path / "c", instance_dir=""), bundle=tiny_bundle("sd1"), instance_images=[])
+
+
+def test_a_diverged_run_stops_with_advice(images, tmp_path):
+    bundle = tiny_bundle("sd1")
+    with torch.no_grad():
+        bundle.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        train(config(images, tmp_path), bundle=bundle)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,10 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
 
         position.step += 1
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(
+                f"The loss became {losses[-1]} at step {position.step}: training diverged. Lower learning_rate, use "
+                "mixed_precision 'bf16' or 'no' instead of 'fp16', and check the base model loads and samples well.")
         elapsed = time.monotonic() - started
         done_here = position.step - resumed_from
         callbacks.on_step(StepInfo(
