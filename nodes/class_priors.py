@@ -29,7 +29,8 @@ class GenerateClassPriors(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Image i uses seed + i."),
             ],
-            outputs=[io.Image.Output("class_images", tooltip="The class images, for DreamBooth Train.")],
+            outputs=[io.Image.Output("class_images", display_name="class_images",
+                                     tooltip="The class images, for DreamBooth Train.")],
         )
 
     @classmethod

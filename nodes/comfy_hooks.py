@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 
 import comfy.model_management
 import comfy.utils
@@ -79,5 +80,5 @@ class ComfyCallbacks(Callbacks):
             self.update_bar(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
 
     def log(self, message: str) -> None:
-        print(f"[DreamBooth] {message}")
+        logging.info("[DreamBooth] %s", message)
         self.send("status", text=message)

@@ -21,10 +21,11 @@ class LoadSubjectModel(io.ComfyNode):
                                        "ckpt_name here to load what it just made."),
             ],
             outputs=[
-                io.Model.Output("model"),
-                io.Clip.Output("clip"),
-                io.Vae.Output("vae"),
-                io.String.Output("trigger_phrase", tooltip="e.g. 'a zwx dog' (empty for other checkpoints)."),
+                io.Model.Output("model", display_name="model"),
+                io.Clip.Output("clip", display_name="clip"),
+                io.Vae.Output("vae", display_name="vae"),
+                io.String.Output("trigger_phrase", display_name="trigger_phrase",
+                                 tooltip="e.g. 'a zwx dog' (empty for other checkpoints)."),
             ],
         )
 

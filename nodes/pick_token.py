@@ -24,8 +24,10 @@ class PickRareToken(io.ComfyNode):
                              tooltip="Which vocabulary tokens are tried; the same seed gives the same list."),
             ],
             outputs=[
-                io.String.Output("identifier", tooltip="The best (weakest-prior) identifier, e.g. for DreamBooth Train."),
-                io.String.Output("instance_prompt", tooltip="'a [identifier] [class noun]'"),
+                io.String.Output("identifier", display_name="identifier",
+                                 tooltip="The best (weakest-prior) identifier, e.g. for DreamBooth Train."),
+                io.String.Output("instance_prompt", display_name="instance_prompt",
+                                 tooltip="'a [identifier] [class noun]'"),
             ],
         )
 

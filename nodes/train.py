@@ -69,10 +69,10 @@ class DreamBoothTrain(io.ComfyNode):
                                        "and cached on the way."),
             ],
             outputs=[
-                io.AnyType.Output("checkpoint", tooltip="The saved checkpoint's name: wire it to Load Subject "
-                                                        "Model's ckpt_name."),
-                io.Image.Output("loss_curve"),
-                io.Image.Output("samples"),
+                io.AnyType.Output("checkpoint", display_name="checkpoint",
+                                  tooltip="The saved checkpoint's name: wire it to Load Subject Model's ckpt_name."),
+                io.Image.Output("loss_curve", display_name="loss_curve"),
+                io.Image.Output("samples", display_name="samples"),
             ],
         )
 
