@@ -1,6 +1,7 @@
 """Export to the single-file LDM layout, checked against diffusers' own LDM -> diffusers converters."""
 from __future__ import annotations
 
+import os
 import errno
 import json
 from datetime import datetime, timedelta
@@ -227,3 +228,11 @@ def test_output_names_that_could_escape_the_folder_are_refused(tmp_path, name):
 def test_plain_output_names_land_in_the_folder(tmp_path):
     assert output_path(tmp_path, "zwx dog v2") == tmp_path / "zwx dog v2.safetensors"
     assert output_path(tmp_path, "zwx-dog.safetensors") == tmp_path / "zwx-dog.safetensors"
+
+
+def test_saved_checkpoint_is_readable_like_any_new_file(tmp_path):
+    path = tmp_path / "shared.safetensors"
+    save_checkpoint(distinct_bundle("sd1"), path, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600

@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .atomic import replacing
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -253,16 +254,12 @@ def _for_file(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp = Path(temp_name)
     try:
-        save_file(tensors, temp, metadata=metadata)
-        _fsync(temp)
-        _check_complete(temp, path)
-        os.replace(temp, path)
+        with replacing(path) as temp:
+            save_file(tensors, temp, metadata=metadata)
+            _fsync(temp)
+            _check_complete(temp, path)
     except BaseException as exc:
-        temp.unlink(missing_ok=True)
         needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
         if isinstance(exc, Exception) and _out_of_space(exc, path.parent, needed):
             free = shutil.disk_usage(path.parent).free

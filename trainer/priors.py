@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
+from .atomic import replacing
 from .models import ModelBundle
 from .sampling import sample_images, validate_settings
 
@@ -82,16 +82,10 @@ def _is_valid_image(path: Path, size: tuple[int, int]) -> bool:
 
 def _write_atomic(path: Path, write: Callable) -> None:
     """write(file) into a temp file beside path, then rename it over path in one step."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with replacing(path, TEMP_SUFFIX) as temp, open(temp, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _write_manifest(folder: Path, key: str, settings: dict, count: int) -> None:

@@ -1,0 +1,226 @@
+"""The pack inside a real ComfyUI: the example workflow end to end, the stop button, and a corrupt photo.
+
+Runs only when COMFYUI_DIR points at a ComfyUI checkout whose Python (COMFYUI_PYTHON, default
+$COMFYUI_DIR/.venv/bin/python) has ComfyUI's and this pack's requirements. The server is started with --cpu on
+loopback, on a throw-away base directory holding this pack (linked) and an SD1.5-shaped checkpoint with random
+weights; everything runs at 64 px with a couple of steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny import PHOTOS
+from trainer.checkpoint import read_metadata, save_checkpoint
+from trainer.models import build_bundle, shipped_configs
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").exists(),
+                                reason="set COMFYUI_DIR to a ComfyUI checkout to run the pack in a real ComfyUI")
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "example_workflows" / "dreambooth_personalize.json"
+BASE_MODEL = "sd15-random.safetensors"
+
+
+class Server:
+    def __init__(self, base: Path):
+        self.base = base
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR, ".venv", "bin", "python"))
+        self.log_path = base / "server.log"
+        self.process = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
+             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+            cwd=COMFYUI_DIR, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                self.object_info = self.get("/object_info")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                assert self.process.poll() is None, self.log()
+                time.sleep(1)
+        raise TimeoutError(self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict | None = None):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+            return json.loads(text) if text else None
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 900) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"]:
+                return entry
+            assert self.process.poll() is None, self.log()
+            time.sleep(1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish\n{self.log()[-4000:]}")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "dreambooth_studio").symlink_to(REPO, target_is_directory=True)
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    configs = shipped_configs("sd1")
+    torch.manual_seed(0)
+    save_checkpoint(build_bundle("sd1", "epsilon", configs.unet, configs.vae, configs.text), checkpoints / BASE_MODEL,
+                    {})  # fp16, no metadata of ours: it stands for a checkpoint downloaded from anywhere
+    for subject in ("dog",):
+        shutil.copytree(PHOTOS / subject, base / "photos" / subject)
+    running = Server(base)
+    yield running
+    running.stop()
+
+
+def api_prompt(workflow: dict, object_info: dict) -> dict:
+    """The editor's saved workflow -> the API prompt the editor would queue (widget values in input order)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in info["input_order"].get(section, []):
+                kind, options = (info["input"][section][name] + [{}])[:2]
+                if (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) and values:
+                    inputs[name] = values.pop(0)
+                    if options.get("control_after_generate"):
+                        values.pop(0)
+                if name in linked:
+                    inputs[name] = [str(linked[name][1]), linked[name][2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def tiny_run(prompt: dict, photos: Path, output_name: str) -> dict:
+    """The example workflow at 64 px with a couple of steps, on the random base model."""
+    for node in prompt.values():
+        if "ckpt_name" in node["inputs"] and not isinstance(node["inputs"]["ckpt_name"], list):
+            node["inputs"]["ckpt_name"] = BASE_MODEL
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    by_type["DBStudioPickRareToken"].update(candidates=3)
+    by_type["DBStudioGenerateClassPriors"].update(count=2, size=64, steps=2)
+    by_type["DBStudioTrain"].update(instance_folder=str(photos), steps=2, resolution=64, memory_preset="custom",
+                                    optimizer="adamw8bit", precision="no", gradient_checkpointing=True,
+                                    learning_rate=1e-5, output_name=output_name)
+    by_type["EmptyLatentImage"].update(width=64, height=64, batch_size=1)
+    by_type["KSampler"].update(steps=2)
+    return prompt
+
+
+def errors(entry: dict) -> list[dict]:
+    return [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+
+
+def test_pack_loads_with_its_nodes_and_template(server):
+    for node_id in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain",
+                    "DBStudioLoadSubjectModel"):
+        assert node_id in server.object_info, server.log()[-3000:]
+        assert server.object_info[node_id]["category"] == "DreamBooth"
+    assert server.get("/workflow_templates")["dreambooth_studio"] == ["dreambooth_personalize"]
+    assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
+
+
+def test_example_workflow_trains_loads_and_samples(server):
+    prompt = tiny_run(api_prompt(json.loads(WORKFLOW.read_text()), server.object_info),
+                      server.base / "photos" / "dog", "e2e-dog")
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", (errors(entry), server.log()[-4000:])
+
+    trained = server.base / "models" / "checkpoints" / "dreambooth" / "e2e-dog.safetensors"
+    trigger = read_metadata(trained)["modelspec.trigger_phrase"]
+    identifier = trigger.split()[1]
+    assert trigger == f"a {identifier} dog" and identifier.isalpha() and identifier != "sks"
+    shown = {tuple(out["text"]) for out in entry["outputs"].values() if "text" in out}
+    assert (trigger,) in shown  # Load Subject Model's trigger phrase reached the graph
+
+    saved = [o for out in entry["outputs"].values() for o in out.get("images", []) if o["type"] == "output"]
+    pixels = np.asarray(Image.open(server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1  # NaN conditioning or latents decode to flat black
+    assert "clip missing" not in server.log() and "left over keys" not in server.log()
+
+    # The stock loader reads the file too (what a user does in any other workflow).
+    plain = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dreambooth/e2e-dog.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": f"{trigger} on the beach", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0],
+                                                   "latent_image": ["3", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "plain"}},
+    }
+    entry = server.wait(server.queue(plain))
+    assert entry["status"]["status_str"] == "success", errors(entry)
+
+
+def train_only(photos: Path, output_name: str, steps: int) -> dict:
+    return {"1": {"class_type": "DBStudioTrain", "inputs": {
+        "ckpt_name": BASE_MODEL, "identifier": "lnp", "class_noun": "dog", "num_class_images": 1, "steps": steps,
+        "learning_rate": 1e-5, "prior_loss_weight": 1.0, "train_text_encoder": False, "resolution": 64,
+        "batch_size": 1, "optimizer": "adamw8bit", "attention": "auto", "gradient_checkpointing": True,
+        "precision": "no", "memory_preset": "custom", "seed": 0, "output_name": output_name,
+        "instance_folder": str(photos)}}}
+
+
+def test_stop_button_keeps_the_server_healthy_and_writes_no_half_file(server):
+    prompt_id = server.queue(train_only(server.base / "photos" / "dog", "stopped-dog", steps=500))
+    deadline = time.monotonic() + 600
+    while not list((server.base / "output" / "dreambooth_priors").rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(10)  # the class image exists: training is loading or stepping now
+    server.post("/interrupt")
+    entry = server.wait(prompt_id, timeout=300)
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
+    folder = server.base / "models" / "checkpoints" / "dreambooth"
+    assert not (folder / "stopped-dog.safetensors").exists()
+    assert not [p for p in folder.iterdir() if p.suffix != ".safetensors" and not p.name.endswith(".state")]
+    assert "DBStudioTrain" in server.get("/object_info")  # the server still answers
+    assert server.get("/queue")["queue_running"] == []
+
+
+def test_a_corrupt_photo_gives_an_error_that_names_it(server):
+    photos = server.base / "photos" / "corrupt"
+    shutil.copytree(server.base / "photos" / "dog", photos)
+    (photos / "99-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    entry = server.wait(server.queue(train_only(photos, "corrupt-dog", steps=2)))
+    assert entry["status"]["status_str"] == "error"
+    message = errors(entry)[0]["exception_message"]
+    assert "99-broken.jpg" in message and ("re-export" in message.lower() or "remove" in message.lower())
