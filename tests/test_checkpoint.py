@@ -1,9 +1,9 @@
 """Export to the single-file LDM layout, checked against diffusers' own LDM -> diffusers converters."""
 from __future__ import annotations
 
-import os
 import errno
 import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
