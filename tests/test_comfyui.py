@@ -201,16 +201,21 @@ def train_only(photos: Path, output_name: str, steps: int) -> dict:
 
 
 def test_stop_button_keeps_the_server_healthy_and_writes_no_half_file(server):
+    priors = server.base / "output" / "dreambooth_priors"
+    before = set(priors.rglob("*.png"))
     prompt_id = server.queue(train_only(server.base / "photos" / "dog", "stopped-dog", steps=500))
     deadline = time.monotonic() + 600
-    while not list((server.base / "output" / "dreambooth_priors").rglob("*.png")) and time.monotonic() < deadline:
+    while not set(priors.rglob("*.png")) - before and time.monotonic() < deadline:
         time.sleep(1)
-    time.sleep(10)  # the class image exists: training is loading or stepping now
+    time.sleep(15)  # its class image exists: training steps now
     server.post("/interrupt")
     entry = server.wait(prompt_id, timeout=300)
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
     folder = server.base / "models" / "checkpoints" / "dreambooth"
     assert not (folder / "stopped-dog.safetensors").exists()
+    assert (folder / "stopped-dog.state" / "state.json").exists()  # queueing again resumes from here
+    listed = server.get("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]
+    assert not [name for name in listed["ckpt_name"][0] if ".state" in name]  # the state is not a checkpoint
     assert not [p for p in folder.iterdir() if p.suffix != ".safetensors" and not p.name.endswith(".state")]
     assert "DBStudioTrain" in server.get("/object_info")  # the server still answers
     assert server.get("/queue")["queue_running"] == []

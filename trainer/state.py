@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STATE_FORMAT = 1
+# safetensors files, named so that ComfyUI's checkpoint lists (which take every *.safetensors) do not offer them
+WEIGHTS, OPTIMIZER = "weights.tensors", "optimizer.tensors"
 _TENSOR = "__tensor__"  # marks where a tensor stood in the JSON part of the optimizer state
 
 
@@ -37,10 +39,10 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
     tmp.mkdir(parents=True)
     weights = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, module in modules.items() for k, v in module.state_dict().items()}
-    save_file(weights, tmp / "weights.safetensors")
+    save_file(weights, tmp / WEIGHTS)
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_file(opt_tensors, tmp / OPTIMIZER)
     meta = {
         "format": STATE_FORMAT,
         "fingerprint": fingerprint,
@@ -65,11 +67,11 @@ def read_state_meta(directory: Path) -> dict | None:
 
 
 def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler, randomness, scaler) -> Position:
-    weights = load_file(directory / "weights.safetensors")
+    weights = load_file(directory / WEIGHTS)
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    opt_tensors = load_file(directory / "optimizer.safetensors")
+    opt_tensors = load_file(directory / OPTIMIZER)
     randomness.load_state_dict({"generator": opt_tensors.pop("randomness.generator")})
     optimizer.load_state_dict(_join_tensors(opt_tensors, meta["optimizer"]))
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
