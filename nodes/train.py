@@ -1,13 +1,11 @@
 from comfy_api.latest import io, ui
 
+from ..trainer.config import ATTENTIONS, OPTIMIZERS, PRECISIONS  # light modules: no torch at registration
+from ..trainer.presets import PRESET_NAMES, apply_preset
 from . import comfy_hooks
 from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch
 
 CATEGORY = "DreamBooth"
-OPTIMIZERS = ["auto", "adamw8bit", "adamw"]
-ATTENTIONS = ["auto", "sdpa", "xformers"]
-PRECISIONS = ["auto", "no", "fp16", "bf16"]
-PRESETS = ["custom", "8 GB", "12 GB", "24 GB+"]
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -41,15 +39,15 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
                              tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Photos per step."),
-                io.Combo.Input("optimizer", options=OPTIMIZERS,
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS),
                                tooltip="adamw8bit uses least memory; auto = adamw8bit on CUDA."),
-                io.Combo.Input("attention", options=ATTENTIONS,
+                io.Combo.Input("attention", options=list(ATTENTIONS),
                                tooltip="PyTorch SDPA by default; xformers only if installed and working."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Much less memory for about 20% more time."),
-                io.Combo.Input("precision", options=PRECISIONS,
+                io.Combo.Input("precision", options=list(PRECISIONS),
                                tooltip="Mixed precision; auto = bf16 where the GPU supports it, else fp16."),
-                io.Combo.Input("memory_preset", options=PRESETS,
+                io.Combo.Input("memory_preset", options=list(PRESET_NAMES),
                                tooltip="Pick your card's memory to set optimizer, precision and checkpointing for "
                                        "you; 'custom' uses the settings above."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
@@ -92,7 +90,6 @@ class DreamBoothTrain(io.ComfyNode):
         from ..trainer.dataset import SubjectImage
         from ..trainer.loop import train
         from ..trainer.plots import loss_curve
-        from ..trainer.presets import apply_preset
 
         output = output_path(comfy_hooks.output_folder(), output_name)
         instance_prompt = f"a {identifier.strip()} {class_noun.strip()}"
