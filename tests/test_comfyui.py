@@ -229,3 +229,19 @@ def test_a_corrupt_photo_gives_an_error_that_names_it(server):
     assert entry["status"]["status_str"] == "error"
     message = errors(entry)[0]["exception_message"]
     assert "99-broken.jpg" in message and ("re-export" in message.lower() or "remove" in message.lower())
+
+
+def test_requeue_reuses_the_result_until_a_photo_changes(server):
+    photos = server.base / "photos" / "cached"
+    shutil.copytree(server.base / "photos" / "dog", photos)
+    prompt = train_only(photos, "cached-dog", steps=1)
+
+    def train_ran(entry) -> bool:
+        assert entry["status"]["status_str"] == "success", errors(entry)
+        cached = [n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]]
+        return "1" not in cached
+
+    assert train_ran(server.wait(server.queue(prompt)))
+    assert not train_ran(server.wait(server.queue(prompt)))  # same graph, same photos: nothing to do
+    Image.open(photos / "00.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "00.jpg")
+    assert train_ran(server.wait(server.queue(prompt)))  # a photo changed behind the same folder path
