@@ -193,3 +193,15 @@ def test_a_diverged_run_stops_with_advice(images, tmp_path):
         bundle.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="learning_rate"):
         train(config(images, tmp_path), bundle=bundle)
+
+
+def test_class_images_are_generated_once_and_reused(images, tmp_path):
+    settings = dict(class_dir="", num_class_images=2, prior_steps=2, max_train_steps=1,
+                    prior_cache_dir=str(tmp_path / "priors"))
+    train(config(images, tmp_path / "a", **settings), bundle=tiny_bundle("sd1"))
+    pngs = sorted((tmp_path / "priors").rglob("*.png"))
+    assert len(pngs) == 2
+    stamps = [p.stat().st_mtime_ns for p in pngs]
+    train(config(images, tmp_path / "b", **settings), bundle=tiny_bundle("sd1"))
+    assert sorted((tmp_path / "priors").rglob("*.png")) == pngs
+    assert [p.stat().st_mtime_ns for p in pngs] == stamps  # the second run generated nothing

@@ -21,11 +21,11 @@ from . import state as state_io
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .dataset import SubjectImage, image_fingerprint, load_image_files, load_image_folder, to_training_tensor
+from .dataset import SubjectImage, image_fingerprint, load_image_folder, to_training_tensor
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
-from .priors import ensure_class_priors
+from .priors import ensure_class_priors, load_prior_images
 from .randomness import StepRandomness
 from .sampling import sample_images, size_multiple
 
@@ -257,7 +257,8 @@ def _class_images(cfg, bundle, callbacks, device, precision):
             bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
             height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed,
             device=device, on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root))
-    return load_image_files(paths)
+    # Our own images, already at the training size: no photo checks (they refuse sizes below 64 px).
+    return [SubjectImage(path.name, image) for path, image in zip(paths, load_prior_images(paths))]
 
 
 def _prior_progress(callbacks, done: int, total: int, cache_root: str) -> None:
