@@ -205,3 +205,26 @@ def test_class_images_are_generated_once_and_reused(images, tmp_path):
     train(config(images, tmp_path / "b", **settings), bundle=tiny_bundle("sd1"))
     assert sorted((tmp_path / "priors").rglob("*.png")) == pngs
     assert [p.stat().st_mtime_ns for p in pngs] == stamps  # the second run generated nothing
+
+
+def test_a_failed_final_save_keeps_the_run_for_a_rerun(images, tmp_path, monkeypatch):
+    import trainer.loop
+    cfg = config(images, tmp_path, max_train_steps=3)
+    real_save = trainer.loop.save_checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.loop, "save_checkpoint", disk_full)
+    trained = tiny_bundle("sd1")
+    with pytest.raises(OSError):
+        train(cfg, bundle=trained)
+    monkeypatch.setattr(trainer.loop, "save_checkpoint", real_save)
+    steps = []
+    cb = Callbacks()
+    cb.on_step = steps.append
+    rerun = tiny_bundle("sd1")
+    result = train(cfg, bundle=rerun, callbacks=cb)
+    assert result.resumed_from == 3 and steps == []  # nothing retrained, only saved
+    a, b = trained.unet.state_dict(), rerun.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

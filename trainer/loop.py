@@ -67,9 +67,11 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
 
 
 def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images) -> TrainResult:
-    if cfg.resolution % size_multiple(bundle):
-        raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of {size_multiple(bundle)} for this "
-                          f"model (e.g. {max(1, round(cfg.resolution / size_multiple(bundle))) * size_multiple(bundle)})")
+    multiple = size_multiple(bundle)
+    if cfg.resolution % multiple:
+        nearest = max(1, round(cfg.resolution / multiple)) * multiple
+        raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of {multiple} for this model "
+                          f"(e.g. {nearest})")
     if instance_images is None:
         instance_images = load_image_folder(cfg.instance_dir)
     elif not 1 <= len(instance_images) <= 100:
@@ -146,7 +148,12 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     samples = _previews(bundle, cfg, device, precision)
     if samples:
         callbacks.on_samples(position.step, samples)
-    _save_output(cfg, bundle, position.step)
+    try:
+        _save_output(cfg, bundle, position.step)
+    except OSError:
+        with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
+            save_state()
+        raise
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
     return TrainResult(cfg.output, position.step, losses, samples, resumed_from)
 
