@@ -1,0 +1,1 @@
+"""A toy world with known ground truth and a tiny SD-shaped base model pretrained on it (issue #4)."""
