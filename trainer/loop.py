@@ -22,6 +22,7 @@ from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .dataset import SubjectImage, image_fingerprint, load_image_folder, to_training_tensor
+from .fused import FusedBackward
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
@@ -57,6 +58,10 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.mixed_precision, device)
+    if cfg.fused_backward and precision == torch.float16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16')
+        raise ConfigError("fused_backward: this GPU has no bf16, so mixed_precision 'auto' means fp16, whose loss "
+                          "scaling must see every gradient before any step; set mixed_precision to 'no' or turn "
+                          "fused_backward off")
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad():
         if bundle is None:
@@ -303,6 +308,14 @@ def _set_attention(unet, choice: str, callbacks) -> None:
 
 
 def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm) -> None:
+    if isinstance(optimizer, FusedBackward):
+        # backward() itself clips (per tensor), steps and frees each gradient: see trainer/fused.py. The hooks
+        # are on for this backward only, so the model never keeps them (sampling, the caller, errors).
+        with optimizer.stepping_in_backward():
+            loss.backward()
+        optimizer.step()  # a no-op, for the LR scheduler's order check
+        lr_scheduler.step()
+        return
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -326,8 +339,9 @@ def _out_of_memory_help(cfg):
     except torch.cuda.OutOfMemoryError as error:
         raise MemoryError(
             f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. Turn on "
-            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16', keep "
-            "train_text_encoder off, or lower the resolution. The last saved state is kept; run again to resume."
+            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16' (or 'bf16' and "
+            "fused_backward), keep train_text_encoder off, or lower the resolution. The last saved state is kept; "
+            "run again to resume."
         ) from error
 
 

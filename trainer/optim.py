@@ -5,6 +5,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from .config import ConfigError, TrainConfig
+from .fused import FusedBackward
 
 
 def resolve_optimizer(name: str, device: torch.device) -> str:
@@ -15,16 +16,23 @@ def resolve_optimizer(name: str, device: torch.device) -> str:
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """cfg.optimizer's optimizer; with cfg.fused_backward, one per tensor, stepped in backward (trainer/fused.py)."""
     name = resolve_optimizer(cfg.optimizer, device)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    bnb = _bitsandbytes()
-    if bnb is None:
-        raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes, which is not installed or failed to load; "
-                          "run `pip install bitsandbytes` or choose optimizer 'adamw' (uses more memory)")
-    return bnb.optim.AdamW8bit(params, **kwargs)
+        make = torch.optim.AdamW
+    else:
+        bnb = _bitsandbytes()
+        if bnb is None:
+            raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes, which is not installed or failed to load; "
+                              "run `pip install bitsandbytes` or choose optimizer 'adamw' (uses more memory)")
+        make = bnb.optim.AdamW8bit
+    if cfg.fused_backward:
+        # foreach batches kernels over many tensors; a one-tensor optimizer has nothing to batch
+        per_tensor = dict(foreach=False) if make is torch.optim.AdamW else {}
+        return FusedBackward(params, lambda tensors: make(tensors, **kwargs, **per_tensor), cfg.max_grad_norm)
+    return make(params, **kwargs)
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):

@@ -1,6 +1,8 @@
 """Memory presets: named bundles of the memory levers, for people who know their card, not the levers.
 
 They only choose among the levers; "custom" leaves the individual settings as given.
+fused_backward is in none of them: their precision is "auto", which is fp16 on GPUs without bf16 (GTX 10xx, RTX 20xx,
+T4), and fused_backward refuses fp16.
 """
 from __future__ import annotations
 
