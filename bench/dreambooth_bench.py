@@ -1,0 +1,575 @@
+"""Benchmark our training loop (trainer.loop.train) against diffusers' examples/dreambooth/train_dreambooth.py.
+
+For each model family and each setting of the matrix, both implementations train the same randomly initialised model
+for N steps (batch 1 + 1 class image, prior preservation), each in a fresh subprocess measured from inside
+(bench/probe.py). The result is a markdown table of peak GPU memory, steps per second and model FLOPs utilisation,
+with our/reference ratios. See bench/README.md;  python bench/dreambooth_bench.py --help
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.models import ModelBundle, ModelConfigs, build_bundle, shipped_configs  # noqa: E402
+
+PROBE = Path(__file__).resolve().parent / "probe.py"
+DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "/tmp/ref/train_dreambooth.py")
+DEFAULT_REFERENCE_PYTHON = "/work/refenv/bin/python"
+
+MODEL_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1"}
+PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD2.1 is the 768-v model
+NUM_IMAGES = 3  # instance photos and class images each; every step uses one of each
+LEARNING_RATE = 2e-6
+GIB = 2 ** 30
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settings. A setting is a "+"-joined list of atoms, e.g. "bf16+8bit+gc". Each atom is TrainConfig overrides for us
+# and the reference script's flags for the same thing (None: the reference has no equivalent; it is not run).
+# To extend the matrix: add an atom here, or a name to DEFAULT_MATRIX.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Atom:
+    ours: dict
+    reference: tuple[str, ...] | None
+
+
+ATOMS = {
+    "fp32": Atom({"mixed_precision": "no"}, ("--mixed_precision", "no")),
+    "fp16": Atom({"mixed_precision": "fp16"}, ("--mixed_precision", "fp16")),
+    "bf16": Atom({"mixed_precision": "bf16"}, ("--mixed_precision", "bf16")),
+    "adamw": Atom({"optimizer": "adamw"}, ()),
+    "8bit": Atom({"optimizer": "adamw8bit"}, ("--use_8bit_adam",)),
+    "gc": Atom({"gradient_checkpointing": True}, ("--gradient_checkpointing",)),
+    "te": Atom({"train_text_encoder": True}, ("--train_text_encoder",)),
+}
+# What every setting starts from (the reference's base is tests.reference_harness.reference_args: fp32, AdamW).
+BASE_OURS = {"mixed_precision": "no", "optimizer": "adamw"}
+# TrainConfig booleans that are no setting to compare: prior preservation is always on, resume is off.
+FIXED_BOOLEANS = {"with_prior_preservation": True, "resume": False}
+# The reference's flag for a TrainConfig boolean added later; one without an entry is benchmarked for us only.
+REFERENCE_FLAGS = {}
+
+DEFAULT_MATRIX = ("fp32", "fp16", "bf16", "bf16+8bit", "bf16+gc", "bf16+8bit+gc", "bf16+te", "bf16+8bit+gc+te")
+DEFAULT_CPU_MATRIX = ("fp32", "bf16", "fp32+gc", "fp32+te")  # no 8-bit AdamW or fp16 autocast on a CPU
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    ours: dict
+    reference: tuple[str, ...] | None  # None: the reference cannot express this setting
+
+
+def boolean_atoms() -> dict[str, Atom]:
+    """An atom flipping each TrainConfig boolean that no atom in ATOMS covers (new options show up by themselves)."""
+    covered = {key for atom in ATOMS.values() for key in atom.ours} | set(FIXED_BOOLEANS)
+    atoms = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in (bool, "bool") and f.name not in covered:
+            flipped = not f.default
+            flag = REFERENCE_FLAGS.get(f.name)
+            atoms[f.name if flipped else f"no_{f.name}"] = Atom({f.name: flipped}, flag)
+    return atoms
+
+
+def all_atoms() -> dict[str, Atom]:
+    return {**ATOMS, **boolean_atoms()}
+
+
+def parse_setting(name: str, atoms: dict[str, Atom] | None = None) -> Setting:
+    atoms = atoms or all_atoms()
+    ours, reference, set_by = dict(BASE_OURS), [], {}
+    for part in name.split("+"):
+        if part not in atoms:
+            raise ValueError(f"setting {name!r}: unknown part {part!r}; known parts: {', '.join(atoms)}")
+        atom = atoms[part]
+        for key in atom.ours:
+            if key in set_by:
+                raise ValueError(f"setting {name!r}: {set_by[key]!r} and {part!r} both set {key}")
+            set_by[key] = part
+        ours.update(atom.ours)
+        reference = None if reference is None or atom.reference is None else reference + list(atom.reference)
+    return Setting(name, ours, None if reference is None else tuple(reference))
+
+
+def default_matrix(cuda: bool) -> list[str]:
+    base = "bf16" if cuda else "fp32"
+    return [*(DEFAULT_MATRIX if cuda else DEFAULT_CPU_MATRIX), *(f"{base}+{name}" for name in boolean_atoms())]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models (random weights: the values change neither memory nor speed) and the FLOPs of one training step.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def model_configs(family: str, small: bool) -> ModelConfigs:
+    """Full-size SD1.5 / SD2.1 configs, or with `small` the tiny ones the tests use (for a CPU)."""
+    if not small:
+        return shipped_configs(family)
+    from tests.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
+    return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family))
+
+
+def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
+    torch.manual_seed(seed)
+    configs = model_configs(family, small)
+    return build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
+                        source_name=f"random-{family}")
+
+
+@functools.lru_cache(maxsize=None)
+def training_step_flops(family: str, small: bool, resolution: int, train_text_encoder: bool) -> int:
+    """FLOPs of one training step's forward + backward: the UNet on the instance and class latents and, when it is
+    trained, the text encoder on their two prompts. Counted with FlopCounterMode on the meta device (shapes only,
+    nothing is computed) and without gradient checkpointing: model FLOPs, not the recomputation checkpointing adds."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs, batch = model_configs(family, small), 2
+    latent_side = resolution // 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs.unet)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs.text)).requires_grad_(train_text_encoder)
+        latents = torch.randn(batch, unet.config.in_channels, latent_side, latent_side)
+        timesteps = torch.zeros(batch, dtype=torch.long)
+        ids = torch.zeros(batch, configs.text["max_position_embeddings"], dtype=torch.long)
+        cached_states = torch.randn(batch, ids.shape[1], configs.text["hidden_size"])
+    unet.set_attn_processor(AttnProcessor2_0())  # what train() uses
+    with FlopCounterMode(display=False) as counter:
+        states = text_encoder(ids)[0] if train_text_encoder else cached_states
+        unet(latents, timesteps, states).sample.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+# Dense (no sparsity) bf16/fp16 tensor peak with fp32 accumulation, TFLOPS, from the vendors' datasheets; matched in
+# order against torch.cuda.get_device_name(), so more specific names come first. --peak-tflops overrides.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A40", 149.7),
+    ("RTX 6000 Ada", 364.0), ("A6000", 154.8), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("V100", 125.0),
+    ("T4", 65.0), ("MI300X", 1307.0),
+)
+
+
+def peak_tflops(override: float | None) -> tuple[float | None, str]:
+    """(peak TFLOPS, where the figure comes from)."""
+    if override:
+        return override, "--peak-tflops"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device; give --peak-tflops for an MFU"
+    name = torch.cuda.get_device_name()
+    for pattern, tflops in PEAK_TFLOPS:
+        if pattern in name:
+            return tflops, f"datasheet figure for {name}"
+    return None, f"{name} is not in the table; give --peak-tflops"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runs: each in its own subprocess (bench/probe.py), measured from inside it.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    step_end_s: list[float] = field(default_factory=list)
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    device: str = ""
+    torch: str = ""
+    error: str = ""
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Durations of the steps after the first `warmup` (end of one step to the end of the next)."""
+        ends = self.step_end_s[max(warmup, 1) - 1:]
+        return [b - a for a, b in zip(ends, ends[1:])]
+
+    def steps_per_second(self, warmup: int) -> float | None:
+        times = self.step_times(warmup)
+        return 1.0 / statistics.median(times) if times else None
+
+    @classmethod
+    def read(cls, path: Path) -> "Measurement":
+        data = json.loads(path.read_text())
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass
+class Plan:
+    families: list[str]
+    settings: list[Setting]
+    small: bool
+    steps: int
+    warmup: int
+    resolution: int
+    work_dir: Path
+    reference_script: str | None  # None: --no-reference
+    reference_python: str
+    reference_extra_args: list[str]
+    threads: int | None
+    timeout: float
+    peak_tflops: float | None
+    peak_source: str
+
+
+@dataclass
+class Images:
+    instance: Path
+    classes: Path
+
+
+@dataclass
+class Row:
+    family: str
+    setting: Setting
+    flops: int
+    ours: Measurement
+    reference: Measurement | None  # None: not run (see reference_note)
+    reference_note: str = ""
+
+
+def make_images(folder: Path, resolution: int) -> Images:
+    """NUM_IMAGES noise photos and class images (the trainer refuses photos under 64 px)."""
+    rng, side = np.random.default_rng(0), max(resolution, 64)
+    images = Images(folder / "instance", folder / "class")
+    for sub in (images.instance, images.classes):
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(NUM_IMAGES):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(sub / f"{i:02d}.png")
+    return images
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               DIFFUSERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def run_probe(python: str, kind: str, args: list[str], run_dir: Path, plan: Plan) -> Measurement:
+    """Run bench/probe.py KIND RESULT ARGS in a fresh process; its measurement, or one with `error` set."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result, log = run_dir / "result.json", run_dir / "log.txt"
+    command = [python, str(PROBE), kind, str(result), *args]
+    (run_dir / "command.txt").write_text(shlex.join(command) + "\n")
+    try:
+        proc = subprocess.run(command, cwd=run_dir, env=child_env(plan.threads), capture_output=True, text=True,
+                              timeout=plan.timeout)
+    except subprocess.TimeoutExpired:
+        return Measurement(error=f"timed out after {plan.timeout:.0f} s")
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not result.is_file():
+        return Measurement(error=f"{last_error_line(proc.stdout + proc.stderr)} (exit {proc.returncode}; {log})")
+    return Measurement.read(result)
+
+
+def last_error_line(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def run_ours(plan: Plan, family: str, setting: Setting, images: Images, run_dir: Path) -> Measurement:
+    config = dict(base_model=f"random-{family}", instance_dir=str(images.instance), class_dir=str(images.classes),
+                  identifier="zwx", class_noun="dog", output=str(run_dir / "out" / "zwx-dog.safetensors"),
+                  num_class_images=NUM_IMAGES, resolution=plan.resolution, batch_size=1,
+                  max_train_steps=plan.steps, learning_rate=LEARNING_RATE, seed=0, **FIXED_BOOLEANS)
+    config.update(setting.ours)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir / "spec.json"
+    spec.write_text(json.dumps({"family": family, "small": plan.small, "seed": 0, "config": config}, indent=1))
+    return run_probe(sys.executable, "ours", [str(spec)], run_dir, plan)
+
+
+def run_reference(plan: Plan, setting: Setting, images: Images, model_dir: Path, run_dir: Path) -> Measurement:
+    args = reference_args(model_dir, images.instance, images.classes, run_dir / "out", steps=plan.steps,
+                          learning_rate=LEARNING_RATE, train_text_encoder=False, resolution=plan.resolution,
+                          num_class_images=NUM_IMAGES)
+    args += [*setting.reference, *plan.reference_extra_args]  # argparse: a repeated option's last value wins
+    return run_probe(plan.reference_python, "reference", [plan.reference_script, "--", *args], run_dir, plan)
+
+
+def run_matrix(plan: Plan) -> list[Row]:
+    images = make_images(plan.work_dir / "images", plan.resolution)
+    rows = []
+    for family in plan.families:
+        model_dir = None
+        if plan.reference_script:
+            progress(f"[{family}] saving a random {MODEL_NAMES[family]} for the reference script")
+            model_dir = save_pipeline_folder(random_bundle(family, plan.small), plan.work_dir / family / "model")
+        for setting in plan.settings:
+            rows.append(run_setting(plan, family, setting, images, model_dir))
+        if model_dir:
+            shutil.rmtree(model_dir, ignore_errors=True)  # gigabytes at full size
+    return rows
+
+
+def run_setting(plan: Plan, family: str, setting: Setting, images: Images, model_dir: Path | None) -> Row:
+    run_dir = plan.work_dir / family / setting.name
+    flops = training_step_flops(family, plan.small, plan.resolution, setting.ours.get("train_text_encoder", False))
+    progress(f"[{family} {setting.name}] ours")
+    ours = run_ours(plan, family, setting, images, run_dir / "ours")
+    report_progress(ours, plan)
+    reference, note = None, ""
+    if model_dir is None:
+        note = "not run (--no-reference)"
+    elif setting.reference is None:
+        note = "the reference script has no flag for this setting"
+    else:
+        progress(f"[{family} {setting.name}] reference")
+        reference = run_reference(plan, setting, images, model_dir, run_dir / "reference")
+        report_progress(reference, plan)
+    return Row(family, setting, flops, ours, reference, note)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_progress(m: Measurement, plan: Plan) -> None:
+    speed = m.steps_per_second(plan.warmup)
+    progress(f"    failed: {m.error}" if m.error else f"    {speed:.3g} steps/s" if speed else "    no timed steps")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report: a markdown table (columns declared once below) and a JSON file.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / GIB
+
+
+def _ratio_cell(row: Row, ours: float | None, reference: float | None) -> str:
+    if row.reference is None:
+        return "—"
+    return _fmt(None if ours is None or not reference else ours / reference)
+
+
+def _mfu(row: Row, m: Measurement | None, plan: Plan) -> float | None:
+    speed = speed_of(m, plan)
+    return None if speed is None or not plan.peak_tflops else row.flops * speed / (plan.peak_tflops * 1e12)
+
+
+def speed_of(m: Measurement | None, plan: Plan) -> float | None:
+    return None if m is None or m.error else m.steps_per_second(plan.warmup)
+
+
+def memory_of(m: Measurement | None, attribute: str) -> float | None:
+    return None if m is None or m.error else _gib(getattr(m, attribute))
+
+
+def _cell(row: Row, side: str, value: float | None, digits: int = 3) -> str:
+    m = row.ours if side == "ours" else row.reference
+    if m is None:
+        return "—"
+    return "failed" if m.error else _fmt(value, digits)
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    cell: Callable[[Row, Plan], str]
+    reference: bool = False  # shown only when the reference runs
+
+
+def _memory_columns(name: str, attribute: str) -> list[Column]:
+    return [
+        Column(f"{name} GiB ours", lambda r, p: _cell(r, "ours", memory_of(r.ours, attribute))),
+        Column(f"{name} GiB ref", lambda r, p: _cell(r, "ref", memory_of(r.reference, attribute)), True),
+        Column(f"{name} ours/ref", lambda r, p: _ratio_cell(r, memory_of(r.ours, attribute),
+                                                           memory_of(r.reference, attribute)), True),
+    ]
+
+
+COLUMNS = [
+    Column("model", lambda r, p: MODEL_NAMES[r.family] + (" (small)" if p.small else "")),
+    Column("setting", lambda r, p: r.setting.name),
+    *_memory_columns("alloc", "peak_allocated"),
+    *_memory_columns("reserved", "peak_reserved"),
+    Column("steps/s ours", lambda r, p: _cell(r, "ours", speed_of(r.ours, p))),
+    Column("steps/s ref", lambda r, p: _cell(r, "ref", speed_of(r.reference, p)), True),
+    Column("speed ours/ref", lambda r, p: _ratio_cell(r, speed_of(r.ours, p), speed_of(r.reference, p)), True),
+    Column("MFU ours", lambda r, p: _cell(r, "ours", _mfu(r, r.ours, p), 2)),
+    Column("MFU ref", lambda r, p: _cell(r, "ref", _mfu(r, r.reference, p), 2), True),
+    Column("GFLOP/step", lambda r, p: _fmt(r.flops / 1e9, 4)),
+]
+
+
+def markdown_table(rows: list[Row], plan: Plan) -> str:
+    columns = [c for c in COLUMNS if plan.reference_script or not c.reference]
+    lines = ["| " + " | ".join(c.header for c in columns) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(c.cell(row, plan) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], plan: Plan) -> str:
+    cuda = torch.cuda.is_available()
+    measured = [m for row in rows for m in (row.ours, row.reference) if m and not m.error]
+    devices = sorted({m.device for m in measured}) or ["cpu"]
+    torches = sorted({m.torch for m in measured})
+    lines = [
+        "## DreamBooth training: ours vs diffusers' train_dreambooth.py" if plan.reference_script
+        else "## DreamBooth training: ours",
+        "",
+        f"Device: {', '.join(devices)}; torch {', '.join(torches)}; threads {plan.threads or 'default'}. "
+        f"Batch 1 + 1 class image (prior preservation), {plan.resolution} px, {plan.steps} steps of which the first "
+        f"{plan.warmup} are warm-up; {'tiny' if plan.small else 'full-size'} models with random weights.",
+        "",
+        markdown_table(rows, plan),
+        "",
+        "- steps/s: 1 / median step time after the warm-up. Peak memory: torch.cuda.max_memory_allocated / "
+        "max_memory_reserved over the whole run (fresh process each run).",
+        f"- MFU: GFLOP/step (one forward + backward of the UNet on 2 latents, and of the text encoder when it is "
+        f"trained; FlopCounterMode, no recomputation) x steps/s / peak "
+        f"{_fmt(plan.peak_tflops, 4)} TFLOPS ({plan.peak_source}).",
+    ]
+    if plan.reference_script:
+        lines += ["- The reference gets the same FLOP count although it also runs the VAE encoder (and a frozen text "
+                  "encoder) every step where we use cached results.",
+                  "- Ratios are ours/reference: memory below 1 means we use less; speed above 1 means we are "
+                  "faster. '—': not run (see notes)."]
+    if not cuda:
+        compared = "the speed ratios" if plan.reference_script else "speeds relative to each other"
+        lines.append(f"- No CUDA device: memory columns are n/a and only {compared} are meaningful (CPU timings "
+                     "say nothing about GPU speed or memory).")
+    lines += [f"- {MODEL_NAMES[r.family]} {r.setting.name} reference: {r.reference_note}"
+              for r in rows if r.reference_note and plan.reference_script]
+    lines += [f"- {MODEL_NAMES[r.family]} {r.setting.name} {side} failed: {m.error}"
+              for r in rows for side, m in (("ours", r.ours), ("reference", r.reference)) if m and m.error]
+    return "\n".join(lines) + "\n"
+
+
+def results_json(rows: list[Row], plan: Plan) -> str:
+    def side(row: Row, m: Measurement | None):
+        if m is None:
+            return None
+        return {**dataclasses.asdict(m), "step_times_s": m.step_times(plan.warmup),
+                "steps_per_second": speed_of(m, plan), "mfu": _mfu(row, m, plan)}
+
+    meta = {key: value for key, value in dataclasses.asdict(plan).items() if key not in ("settings", "work_dir")}
+    out_rows = []
+    for row in rows:
+        out_rows.append({"family": row.family, "setting": row.setting.name, "ours_config": row.setting.ours,
+                         "reference_flags": row.setting.reference, "flops_per_step": row.flops,
+                         "ours": side(row, row.ours), "reference": side(row, row.reference),
+                         "reference_note": row.reference_note})
+    return json.dumps({"plan": meta, "rows": out_rows}, indent=1)
+
+
+def write_outputs(paths: list[str], rows: list[Row], plan: Plan, markdown: str) -> None:
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(results_json(rows, plan) if path.suffix == ".json" else markdown)
+        progress(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Peak GPU memory, steps/s and MFU of our DreamBooth loop vs diffusers' train_dreambooth.py, "
+                    "for a matrix of settings, as a markdown table.",
+        epilog=f"Setting parts (join with '+'): {', '.join(all_atoms())}. Default matrix on a GPU: "
+               f"{' '.join(default_matrix(True))}; on a CPU: {' '.join(default_matrix(False))}.")
+    parser.add_argument("--family", choices=("sd1", "sd2", "both"), default="both")
+    parser.add_argument("--small", action="store_true", help="tiny models (tests/tiny.py) for a CPU")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
+    parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")
+    parser.add_argument("--settings", nargs="+", metavar="NAME", help="settings to run, e.g. fp32 bf16+8bit+gc")
+    parser.add_argument("--reference-script", default=DEFAULT_REFERENCE_SCRIPT,
+                        help="copy of diffusers' examples/dreambooth/train_dreambooth.py (never commit it)")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,
+                        help="Python that runs the reference (needs torchvision, accelerate, diffusers)")
+    parser.add_argument("--reference-extra-args", default="",
+                        help="more flags for the reference script, written with '=': "
+                             "--reference-extra-args='--set_grads_to_none'")
+    parser.add_argument("--no-reference", action="store_true", help="benchmark our loop only")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's peak bf16/fp16 TFLOPS (default: from a table)")
+    parser.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--work-dir", help="keep models, logs and results here (default: a temporary folder)")
+    parser.add_argument("--out", action="append", default=[], metavar="PATH",
+                        help="also write the results: .md (the table) or .json (everything); repeatable")
+    args = parser.parse_args(argv)
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"need 1 <= --warmup < --steps (got --warmup {args.warmup}, --steps {args.steps})")
+    if not args.no_reference:
+        for flag, path in (("--reference-script", args.reference_script),
+                           ("--reference-python", args.reference_python)):
+            if not Path(path).is_file():
+                parser.error(f"{flag} {path} does not exist; give it, or run with --no-reference")
+    try:
+        args.setting_list = [parse_setting(name) for name in args.settings or default_matrix(torch.cuda.is_available())]
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def make_plan(args: argparse.Namespace, work_dir: Path) -> Plan:
+    tflops, source = peak_tflops(args.peak_tflops)
+    return Plan(
+        families=["sd1", "sd2"] if args.family == "both" else [args.family],
+        settings=args.setting_list, small=args.small, steps=args.steps, warmup=args.warmup,
+        resolution=args.resolution or (64 if args.small else 512), work_dir=work_dir,
+        reference_script=None if args.no_reference else str(Path(args.reference_script).resolve()),
+        reference_python=args.reference_python, reference_extra_args=shlex.split(args.reference_extra_args),
+        threads=args.threads, timeout=args.timeout, peak_tflops=tflops, peak_source=source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="dreambooth_bench_")).resolve()
+    plan = make_plan(args, work_dir)
+    rows = run_matrix(plan)
+    markdown = report(rows, plan)
+    print(markdown)
+    write_outputs(args.out, rows, plan, markdown)
+    failed = any(m and m.error for row in rows for m in (row.ours, row.reference))
+    if failed:
+        progress(f"some runs failed; their logs are in {work_dir}")
+    elif not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

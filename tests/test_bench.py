@@ -1,0 +1,81 @@
+"""bench/dreambooth_bench.py works: settings parse, FLOPs are counted, the table has its ratio columns, and one tiny run
+end to end (with the reference script when a copy of it and its Python are here, else ours only)."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import dreambooth_bench as bench
+from trainer.config import TrainConfig
+
+
+def test_settings_combine_our_overrides_and_reference_flags():
+    setting = bench.parse_setting("bf16+8bit+gc")
+    assert setting.ours == {"mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True}
+    assert setting.reference == ("--mixed_precision", "bf16", "--use_8bit_adam", "--gradient_checkpointing")
+    with pytest.raises(ValueError, match="unknown part"):
+        bench.parse_setting("bf16+warp_drive")
+    with pytest.raises(ValueError, match="both set mixed_precision"):
+        bench.parse_setting("fp16+bf16")
+
+
+def test_every_config_boolean_is_in_the_matrix():
+    atoms = bench.all_atoms()
+    covered = {key for atom in atoms.values() for key in atom.ours} | set(bench.FIXED_BOOLEANS)
+    booleans = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool")}
+    assert booleans <= covered
+    for name in bench.boolean_atoms():
+        assert any(name in setting.split("+") for setting in bench.default_matrix(cuda=True))
+        assert bench.parse_setting(name).reference is None or name in bench.REFERENCE_FLAGS
+
+
+def test_flops_of_a_step_are_positive_and_grow_with_what_is_trained():
+    unet_only = bench.training_step_flops("sd1", True, 32, False)
+    with_text = bench.training_step_flops("sd1", True, 32, True)
+    assert 0 < unet_only < with_text
+    assert bench.training_step_flops("sd1", True, 64, False) > 3 * unet_only  # 4x the latent pixels
+
+
+def test_step_times_leave_out_the_warmup():
+    m = bench.Measurement(step_end_s=[1.0, 3.0, 3.5, 4.0, 4.6])
+    assert m.step_times(warmup=2) == pytest.approx([0.5, 0.5, 0.6])
+    assert m.steps_per_second(warmup=2) == pytest.approx(2.0)
+
+
+def _plan(tmp_path, reference: bool) -> bench.Plan:
+    return bench.Plan(families=["sd1"], settings=[bench.parse_setting("fp32")], small=True, steps=3, warmup=1,
+                      resolution=32, work_dir=tmp_path, reference_script="ref.py" if reference else None,
+                      reference_python="python", reference_extra_args=[], threads=1, timeout=60,
+                      peak_tflops=100.0, peak_source="test")
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_has_ratio_columns(tmp_path):
+    plan = _plan(tmp_path, reference=True)
+    ours = bench.Measurement([0.0, 1.0, 1.5, 2.0], peak_allocated=3 * bench.GIB, peak_reserved=4 * bench.GIB)
+    ref = bench.Measurement([0.0, 1.0, 2.0, 3.0], peak_allocated=6 * bench.GIB, peak_reserved=8 * bench.GIB)
+    row = bench.Row("sd1", plan.settings[0], flops=10**12, ours=ours, reference=ref)
+    header, _, line = bench.markdown_table([row], plan).splitlines()
+    cells = dict(zip(_cells(header), _cells(line)))
+    assert cells["alloc ours/ref"] == "0.5" and cells["reserved ours/ref"] == "0.5"
+    assert cells["steps/s ours"] == "2" and cells["steps/s ref"] == "1" and cells["speed ours/ref"] == "2"
+    assert cells["MFU ours"] == "0.02"  # 1 TFLOP x 2 steps/s / 100 TFLOPS
+    no_reference = bench.markdown_table([row], _plan(tmp_path, reference=False)).splitlines()[0]
+    assert "ours/ref" not in no_reference and "steps/s ours" in no_reference
+
+
+def test_one_tiny_run_end_to_end(tmp_path, capsys):
+    have_reference = (Path(bench.DEFAULT_REFERENCE_SCRIPT).is_file()
+                      and Path(bench.DEFAULT_REFERENCE_PYTHON).is_file())
+    args = ["--small", "--family", "sd1", "--settings", "fp32", "--steps", "2", "--warmup", "1", "--resolution",
+            "32", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")]
+    assert bench.main(args + ([] if have_reference else ["--no-reference"])) == 0
+    table = capsys.readouterr().out
+    assert "| SD1.5 (small) | fp32 |" in table
+    assert ("speed ours/ref" in table) == have_reference
+    if not torch.cuda.is_available():
+        assert "only the speed ratios are meaningful" in table
