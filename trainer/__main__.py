@@ -1,4 +1,4 @@
-"""Command line: python -m trainer {pick-token, priors, train, sample} --help"""
+"""Command line: python -m trainer {pick-token, priors, train, sample, demo} --help"""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples", help="folder for the PNGs (./samples)")
     _add_sampling_options(sample, steps=30)
     sample.set_defaults(run=_sample)
+
+    demo = sub.add_parser("demo", help="see DreamBooth work in a few CPU minutes on the bundled toy model",
+                          description="Train the toy subject (a marked star) into the bundled toy base model and "
+                                      "write a before/after grid: no GPU, no download.")
+    demo.add_argument("--out", default="toy_demo", help="folder for the photos, model and grid (./toy_demo)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -157,6 +163,12 @@ def _sample(args) -> int:
     for i, (image, seed) in enumerate(zip(images, seeds)):
         image.save(out / f"{i:03d}-seed{seed}.png")
     print(f"{len(images)} images in {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .toy.demo import run
+    run(Path(args.out), callbacks=_ConsolePrinter())
     return 0
 
 

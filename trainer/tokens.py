@@ -109,20 +109,22 @@ def _data_lines(name: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def prior_strength(bundle, identifier: str, class_noun: str, *, seed: int = 0, latent_size: int = 32) -> float:
+def prior_strength(bundle, identifier: str, class_noun: str, *, seed: int = 0, latent_size: int | None = None
+                   ) -> float:
     """Denoiser shift of `identifier` for `class_noun` on this checkpoint (see the module docstring)."""
     return rank_identifiers(bundle, [identifier], class_noun, seed=seed, latent_size=latent_size)[0].strength
 
 
 @torch.no_grad()
 def rank_identifiers(bundle, candidates: list[str], class_noun: str, *, seed: int = 0, shortlist: int | None = None,
-                     latent_size: int = 32, batch_size: int = 24) -> list[RankedToken]:
+                     latent_size: int | None = None, batch_size: int = 24) -> list[RankedToken]:
     """Candidates ranked weakest prior first (ties by name). With `shortlist`, only that many candidates with the
     smallest text-encoder shift are measured on the UNet and returned. `batch_size` bounds each model call (prompts
     per text-encoder call, samples per UNet call; a conditioning takes one sample per probe). Deterministic for a
-    seed."""
+    seed. The probe latents are `latent_size` square: by default the model's own size up to 32 (256 px in SD)."""
     if not candidates:
         return []
+    latent_size = latent_size or min(32, bundle.unet.config.sample_size)
     reference = encode_prompts(bundle, [f"a {class_noun}", ""], batch_size)
     states = encode_prompts(bundle, [f"a {identifier} {class_noun}" for identifier in candidates], batch_size)
     token_ids = [tuple(_ids(bundle.tokenizer, identifier)) for identifier in candidates]
