@@ -63,6 +63,9 @@ class TrainConfig:
     attention: str = _setting("auto", "auto or sdpa (PyTorch's memory-efficient attention), or xformers if installed.")
     gradient_checkpointing: bool = _setting(False, "Recompute activations in the backward pass: much less memory, about 20% slower.")
     fused_backward: bool = _setting(False, "Step the optimizer inside the backward pass, one tensor at a time, freeing each gradient at once: the whole model's gradients never exist together (3.2 GiB less for SD 1.5's UNet). Costs: max_grad_norm clips each tensor's gradient on its own instead of their total norm; not with fp16 (use bf16 or no).")
+    bf16_weights: bool = _setting(False, "Keep the trained weights, and so their gradients, in bf16 instead of fp32, rounded stochastically so that small updates survive on average: half their memory (1.6 GiB less each for SD 1.5's UNet). The optimizer's moments stay fp32 (adamw) or 8-bit (adamw8bit); its fp32 copy of a weight exists for one tensor at a time. Computes in bf16 autocast: needs mixed_precision 'bf16' or 'auto' (bf16 with this on, the CPU included), so not on GPUs without bf16 (before NVIDIA Ampere).")
+    channels_last: bool = _setting(False, "Lay the UNet's weights and activations out channels-last (NHWC) while training: faster convolutions on GPUs with tensor cores (NVIDIA Volta and newer, with fp16/bf16); no gain on CPU; with adamw8bit, which keeps weights contiguous, only the activations. Learns the same weights up to float rounding; the saved file is as without it.")
+    compile_unet: bool = _setting(False, "torch.compile the UNet for training: faster steps on a GPU, but the first step waits minutes while it compiles (and one step again for an epoch's smaller last batch), so it pays off on long runs. Learns the same weights up to float rounding: before the first step its gradients are checked against the plain UNet's, and a compiler that gets them wrong stops the run. Needs Triton on an NVIDIA GPU, a C++ compiler on CPU; not with fused_backward.")
 
     # Saving, resuming, previews
     save_dtype: str = _setting("fp16", "Precision of the saved checkpoint: fp16 (2 GB for SD 1.5), bf16 or fp32.")
@@ -116,6 +119,14 @@ class TrainConfig:
         if self.fused_backward and self.mixed_precision == "fp16":
             raise ConfigError("fused_backward: does not work with mixed_precision 'fp16', whose loss scaling must see "
                               "every gradient before any step; use mixed_precision 'bf16' or turn fused_backward off")
+        if self.compile_unet and self.fused_backward:
+            raise ConfigError("compile_unet: not with fused_backward, whose memory saving it undoes (the compiled "
+                              "backward makes all the UNet's gradients at once); turn one of them off")
+        if self.bf16_weights and self.mixed_precision in ("fp16", "no"):
+            why = {"no": "fp32 compute, which needs fp32 weights",
+                   "fp16": "fp16 compute and loss scaling, which the bf16 steps do not support"}[self.mixed_precision]
+            raise ConfigError(f"bf16_weights: computes in bf16, but mixed_precision {self.mixed_precision!r} "
+                              f"means {why}; use mixed_precision 'bf16' (or 'auto') or turn bf16_weights off")
         return self
 
 

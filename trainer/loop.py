@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from . import speed
 from . import state as state_io
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .dataset import SubjectImage, image_fingerprint, load_image_folder, to_training_tensor
-from .fused import FusedBackward
+from .fused import FusedBackward, PerTensorOptimizer
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
@@ -30,9 +31,10 @@ from .priors import ensure_class_priors, load_prior_images
 from .randomness import StepRandomness
 from .sampling import sample_images, size_multiple
 
-# Settings that do not change what is learned; a saved state stays valid when only these differ.
+# Settings that do not change what is learned; a saved state stays valid when only these differ. (Not channels_last:
+# 8-bit AdamW's saved moments are flat memory in the layout of the run that made them; see trainer/speed.py.)
 _NOT_LEARNING = ("output", "checkpoint_every", "resume", "sample_every", "sample_prompts", "save_dtype", "device",
-                 "prior_cache_dir")
+                 "prior_cache_dir", "compile_unet")
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -58,10 +60,14 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.mixed_precision, device)
+    if cfg.bf16_weights:
+        precision = _bf16_weights_precision(cfg, precision)
     if cfg.fused_backward and precision == torch.float16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16')
         raise ConfigError("fused_backward: this GPU has no bf16, so mixed_precision 'auto' means fp16, whose loss "
                           "scaling must see every gradient before any step; set mixed_precision to 'no' or turn "
                           "fused_backward off")
+    if cfg.compile_unet:
+        speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad():
         if bundle is None:
@@ -94,6 +100,10 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     if cfg.train_text_encoder:
         modules["text_encoder"] = bundle.text_encoder
     _prepare_for_training(bundle, cfg, modules, device, callbacks)
+    unet = bundle.unet  # the step's forward; with compile_unet a compiled wrapper, and bundle.unet stays plain
+    if cfg.compile_unet:
+        unet = speed.compile_for_training(bundle, latents, text, cfg, device, lambda: _autocast(device, precision),
+                                          callbacks)
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = make_optimizer(cfg, params, device)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
@@ -103,6 +113,8 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     state_dir = state_io.state_dir_for(cfg.output)
     position, losses = _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler,
                                callbacks)
+    if cfg.channels_last:
+        speed.match_state_layout(optimizer)
     resumed_from = position.step
 
     def save_state():
@@ -125,10 +137,12 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         timesteps = randomness.timesteps(model_input.shape[0], bundle.noise_scheduler.config.num_train_timesteps)
         timesteps = timesteps.to(device)
         noisy = bundle.noise_scheduler.add_noise(model_input, noise, timesteps)
-        with _out_of_memory_help(cfg):
+        if cfg.channels_last:
+            noisy = speed.channels_last_input(noisy)
+        with _out_of_memory_help(cfg), speed.compile_help(cfg.compile_unet):
             with _autocast(device, precision):
                 cond = text.states(len(items), latents.with_prior)
-                pred = bundle.unet(noisy, timesteps, cond).sample
+                pred = unet(noisy, timesteps, cond).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
@@ -150,6 +164,8 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
             callbacks.on_samples(position.step, _previews(bundle, cfg, device, precision))
 
+    if cfg.channels_last:
+        speed.to_contiguous(bundle.unet)  # the caller gets the UNet laid out as it gave it
     samples = _previews(bundle, cfg, device, precision)
     if samples:
         callbacks.on_samples(position.step, samples)
@@ -184,6 +200,16 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module
+
+
+def _bf16_weights_precision(cfg: TrainConfig, precision: torch.dtype | None) -> torch.dtype:
+    """bf16_weights computes in bf16 autocast: 'auto' means bf16 on every device, the CPU included."""
+    if precision is None and cfg.mixed_precision == "auto":
+        return torch.bfloat16
+    if precision != torch.bfloat16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16' and 'no')
+        raise ConfigError("bf16_weights: this GPU has no bf16, so its weights cannot be kept in bf16 (mixed_precision "
+                          "'auto' means fp16 here); turn bf16_weights off")
+    return precision
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None):
@@ -282,7 +308,7 @@ def _prior_progress(callbacks, done: int, total: int, cache_root: str) -> None:
 def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
     _set_attention(bundle.unet, cfg.attention, callbacks)
     for module in modules.values():
-        _place(module, device, torch.float32).train()
+        _place(module, device, torch.bfloat16 if cfg.bf16_weights else torch.float32).train()
         module.requires_grad_(True)
     bundle.vae.requires_grad_(False)
     if not cfg.train_text_encoder:
@@ -291,6 +317,8 @@ def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
         bundle.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             bundle.text_encoder.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        speed.to_channels_last(bundle.unet)
 
 
 def _set_attention(unet, choice: str, callbacks) -> None:
@@ -316,6 +344,12 @@ def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm
         optimizer.step()  # a no-op, for the LR scheduler's order check
         lr_scheduler.step()
         return
+    if isinstance(optimizer, PerTensorOptimizer):  # bf16_weights: step() clips over all gradients, in fp32
+        loss.backward()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -339,9 +373,9 @@ def _out_of_memory_help(cfg):
     except torch.cuda.OutOfMemoryError as error:
         raise MemoryError(
             f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. Turn on "
-            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16' (or 'bf16' and "
-            "fused_backward), keep train_text_encoder off, or lower the resolution. The last saved state is kept; "
-            "run again to resume."
+            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16' (or 'bf16' with "
+            "fused_backward and bf16_weights), keep train_text_encoder off, or lower the resolution. The last saved "
+            "state is kept; run again to resume."
         ) from error
 
 

@@ -18,6 +18,7 @@ STATE_FORMAT = 1
 # safetensors files, named so that ComfyUI's checkpoint lists (which take every *.safetensors) do not offer them
 WEIGHTS, OPTIMIZER = "weights.tensors", "optimizer.tensors"
 _TENSOR = "__tensor__"  # marks where a tensor stood in the JSON part of the optimizer state
+_STANDARD = ("state", "param_groups")  # an optimizer state dict's own entries
 
 
 @dataclass
@@ -88,14 +89,17 @@ def _split_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict
 
     def split(value, path: str):
         if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().cpu().clone()  # own memory: bitsandbytes shares one qmap
+            # own memory (bitsandbytes shares one qmap), laid out contiguous (channels_last moments are not)
+            tensors[path] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
             return {_TENSOR: path}
         if isinstance(value, dict):
             return {str(k): split(v, f"{path}/{k}") for k, v in value.items()}
         return value
 
     rest = {str(index): split(entries, f"state/{index}") for index, entries in optimizer_state["state"].items()}
-    return tensors, {"state": rest, "param_groups": optimizer_state["param_groups"]}
+    # Entries beside the two standard ones (the bf16 weights' rounding generator) are kept the same way.
+    extra = {key: split(value, key) for key, value in optimizer_state.items() if key not in _STANDARD}
+    return tensors, {"state": rest, "param_groups": optimizer_state["param_groups"], **extra}
 
 
 def _join_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
@@ -105,7 +109,7 @@ def _join_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
         return value
 
     return {"state": {int(index): join(entries) for index, entries in rest["state"].items()},
-            "param_groups": rest["param_groups"]}
+            "param_groups": rest["param_groups"], **{k: join(v) for k, v in rest.items() if k not in _STANDARD}}
 
 
 def _swap_in(tmp: Path, directory: Path) -> None:
