@@ -13,14 +13,7 @@ from trainer.loop import train
 from trainer.state import state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(threads)
+from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 def trainable(bundle, text_encoder=True) -> list[torch.nn.Parameter]:

@@ -39,18 +39,11 @@ from trainer.sampling import sample_images
 from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
+from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 WEIGHT_RTOL = 5e-3
 LOSS_RTOL = 1e-4
 CHANNELS_LAST = torch.channels_last
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
