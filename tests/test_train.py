@@ -136,6 +136,21 @@ def test_v_prediction_sd2_and_bf16_autocast_train(images, tmp_path):
     assert all(p.dtype == torch.float32 for p in bundle.unet.parameters())  # master weights stay fp32
 
 
+def test_the_step_without_autocasts_weight_cache_learns_exactly_the_same(images, tmp_path, monkeypatch):
+    import trainer.loop
+    runs = {}
+    for cached in (False, True):
+        if cached:  # the training step's autocast as torch.autocast has it by default
+            autocast = trainer.loop._autocast
+            monkeypatch.setattr(trainer.loop, "_autocast", lambda device, precision, cache_casts=True:
+                                autocast(device, precision))
+        bundle = tiny_bundle("sd1")
+        train(config(images, tmp_path / str(cached), max_train_steps=3, mixed_precision="bf16",
+                     gradient_checkpointing=True, train_text_encoder=True), bundle=bundle)
+        runs[cached] = weights(bundle.unet) | {f"te.{k}": v for k, v in weights(bundle.text_encoder).items()}
+    assert all(torch.equal(runs[False][k], runs[True][k]) for k in runs[True])
+
+
 def test_without_prior_preservation_no_class_images_are_used(images, tmp_path):
     seen = []
     cb = Callbacks()

@@ -1,0 +1,522 @@
+"""GPU memory of a DreamBooth training step, measured on the CPU.
+
+There is no GPU here, but what torch.cuda.max_memory_allocated() counts is the bytes of live tensor storage, and
+that does not depend on the device: the same tensors are created and freed by the same code. So this runs our loop
+(trainer.loop.train) on the CPU under a StorageTracker, a TorchDispatchMode that sees every tensor an aten op
+returns, counts each new storage once (views add nothing) and subtracts it when the storage is freed (a weakref
+finalizer on the storage), and records the peak and what was live at the peak.
+
+What is counted, i.e. what would be on the GPU during the steps of our loop:
+- the trained modules' parameters and buffers (the UNet, and the text encoder with train_text_encoder), which exist
+  before tracking starts and are added as a baseline;
+- everything aten ops allocate during train(): gradients, optimizer state and the optimizer's temporaries,
+  activations and what autograd saves, autocast's bf16 copies of the weights, the cached latents and text embeddings.
+Not counted: the frozen VAE and (unless trained) the text encoder, which exist before tracking starts and which our
+loop moves off the GPU after caching; memory a kernel takes inside one op without returning it as a tensor (on a GPU:
+cuBLAS/cuDNN workspaces); the caching allocator's rounding and fragmentation (max_memory_reserved is more); the CUDA
+context (~0.3-0.5 GiB, outside both). The peak is over the training steps only (the caching before them uses less).
+
+    python bench/memory_model.py --help
+    python bench/memory_model.py --family sd1 --resolution 512 --settings fp32 bf16+8bit+gc
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+GIB = 2 ** 30
+# Categories of live storage, in table order. "weight casts": copies of the weights made by a dtype conversion
+# (autocast's bf16 copies for each conv/linear); "optimizer temps": what optimizer.step() allocates and frees.
+CATEGORIES = ("weights", "weight casts", "grads", "optimizer state", "optimizer temps", "other")
+
+
+class _Entry:
+    __slots__ = ("nbytes", "tag")
+
+    def __init__(self, nbytes: int, tag: str):
+        self.nbytes, self.tag = nbytes, tag
+
+
+def _storage(tensor: torch.Tensor):
+    try:
+        return tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, ... (none in our loop)
+        return None
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of tensor storage allocated while active (plus what `count()` adds), and their peak.
+
+    A storage is new when an op returns it and it is neither one of the op's inputs' storages (views, in-place and
+    out= ops) nor one that existed when the tracker started. It leaves the count when it is freed: the Python storage
+    object lives exactly as long as the storage (PyTorch preserves it), so a weakref finalizer on it fires then."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._entries: dict[int, _Entry] = {}  # StorageImpl address (`_cdata`) -> entry, for live counted storages
+        self._ignored: set[int] = set()  # storages that existed at the start and are not counted
+        self._tag = "other"  # category of new allocations (see `set_tag`)
+        self._peak_entries: list[_Entry] = []
+        self._peak_pending = False  # a new peak was reached and not yet snapshotted
+        self.peak_at = ""  # the op whose result made the peak, and whether in forward or backward
+        self._op = ""
+        self._lock = threading.RLock()
+
+    # --- what is counted ---------------------------------------------------------------------------------------
+
+    def count(self, tensors, tag: str = "weights") -> None:
+        """Count these (pre-existing) tensors' storages from now on, e.g. the trained model's parameters."""
+        for tensor in tensors:
+            storage = _storage(tensor)
+            if storage is not None and storage._cdata not in self._entries:
+                self._ignored.discard(storage._cdata)
+                self._add(storage, tag)
+
+    def forget(self, tensors) -> None:
+        """Stop counting these tensors' storages (e.g. modules that would have left the GPU)."""
+        for tensor in tensors:
+            storage = _storage(tensor)
+            if storage is not None and storage._cdata not in self._ignored:
+                self._freed(storage._cdata)
+                self._ignored.add(storage._cdata)
+                weakref.finalize(storage, self._ignored.discard, storage._cdata).atexit = False
+
+    def retag(self, tensors, tag: str) -> None:
+        """Put live counted tensors in a category (entries are shared with the peak snapshot, which follows)."""
+        for tensor in tensors:
+            storage = _storage(tensor)
+            entry = self._entries.get(storage._cdata) if storage is not None else None
+            if entry is not None:
+                entry.tag = tag
+
+    def set_tag(self, tag: str) -> None:
+        """Put new allocations in `tag` from now on (until retagged); "other" is the default."""
+        self._tag = tag
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak, self.peak_at = self.live, ""
+            self._peak_entries = list(self._entries.values())
+            self._peak_pending = False
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes per category of what was live at the peak, by the categories the entries have now."""
+        with self._lock:
+            if self._peak_pending:
+                self._snapshot()
+            out = dict.fromkeys(CATEGORIES, 0)
+            for entry in self._peak_entries:
+                out[entry.tag] = out.get(entry.tag, 0) + entry.nbytes
+            return out
+
+    def live_breakdown(self) -> dict[str, int]:
+        with self._lock:
+            out = dict.fromkeys(CATEGORIES, 0)
+            for entry in self._entries.values():
+                out[entry.tag] = out.get(entry.tag, 0) + entry.nbytes
+            return out
+
+    # --- the mode ------------------------------------------------------------------------------------------------
+
+    def __enter__(self):
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() on some lazy module attributes warns
+            warnings.simplefilter("ignore")
+            tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        for tensor in tensors:  # every tensor alive now is on the "before" side: not counted
+            storage = _storage(tensor)
+            if storage is not None and storage._cdata not in self._entries and storage._cdata not in self._ignored:
+                self._ignored.add(storage._cdata)
+                weakref.finalize(storage, self._ignored.discard, storage._cdata).atexit = False
+        del tensors
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._op = func._opname
+        inputs = {}
+        for arg in tree_flatten((args, kwargs))[0]:
+            if isinstance(arg, torch.Tensor):
+                storage = _storage(arg)
+                if storage is not None:
+                    inputs[storage._cdata] = storage
+        tag = self._tag
+        if func is torch.ops.aten._to_copy.default and inputs:
+            source = self._entries.get(next(iter(inputs)))
+            if source is not None and source.tag == "weights":
+                tag = "weight casts"
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = _storage(tensor)
+                if storage is None:
+                    continue
+                entry = self._entries.get(storage._cdata)
+                if entry is not None:
+                    if entry.nbytes != storage.nbytes():  # resized in place
+                        self._resize(entry, storage.nbytes())
+                elif storage._cdata not in inputs and storage._cdata not in self._ignored:
+                    self._add(storage, tag)
+        return out
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------------
+
+    def _add(self, storage, tag: str) -> None:
+        nbytes = storage.nbytes()
+        if nbytes == 0 or storage.device.type == "meta":
+            return
+        with self._lock:
+            self._entries[storage._cdata] = _Entry(nbytes, tag)
+            self._grow(nbytes)
+        weakref.finalize(storage, self._freed, storage._cdata).atexit = False
+
+    def _grow(self, nbytes: int) -> None:
+        self.live += nbytes
+        if self.live > self.peak:
+            self.peak = self.live
+            self._peak_pending = True
+            self.peak_at = f"{_phase(self._tag)}: {self._op}"
+
+    def _shrink(self, nbytes: int) -> None:
+        if self._peak_pending:  # the first drop after a new peak: this is what the peak was made of
+            self._snapshot()
+        self.live -= nbytes
+
+    def _resize(self, entry: _Entry, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > entry.nbytes:
+                self._grow(nbytes - entry.nbytes)
+            else:
+                self._shrink(entry.nbytes - nbytes)
+            entry.nbytes = nbytes
+
+    def _freed(self, cdata: int) -> None:
+        with self._lock:
+            entry = self._entries.get(cdata)
+            if entry is not None:
+                self._shrink(entry.nbytes)  # snapshots first when this ends a peak, with the entry in it
+                del self._entries[cdata]
+
+    def _snapshot(self) -> None:
+        self._peak_entries = list(self._entries.values())
+        self._peak_pending = False
+
+
+def _phase(tag: str) -> str:
+    """Where the step is: "forward" (anything outside backward and the optimizer), "backward", "optimizer step"."""
+    in_backward = torch._C._current_graph_task_id() != -1
+    if tag == "optimizer temps":
+        return "backward, optimizer step" if in_backward else "optimizer step"
+    return "backward" if in_backward else "forward"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CUDA's choices on the CPU: where PyTorch decides by device, make the CPU decide as CUDA does
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Ops that CUDA autocast runs in float32 (policy "fp32": lower-precision inputs are cast up, the output is float32)
+# while CPU autocast runs them in the input's dtype. These are the ones SD's UNet and CLIP call; the rest of CUDA's
+# fp32 list (pow, exp, softmax, losses, ...) is not called on bf16 tensors under autocast in our step.
+CUDA_FP32_OPS = ("group_norm", "layer_norm")
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy():
+    """While inside, CPU autocast treats CUDA_FP32_OPS as CUDA autocast does, so activations get CUDA's dtypes."""
+    library = torch.library.Library("aten", "IMPL")
+    exclude = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def up(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.dtype in (torch.bfloat16, torch.float16) \
+            else value
+
+    def fp32_kernel(op):
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return op(*map(up, args), **{key: up(value) for key, value in kwargs.items()})
+        return kernel
+
+    for name in CUDA_FP32_OPS:
+        library.impl(name, fp32_kernel(getattr(torch.ops.aten, name).default), "AutocastCPU")
+    try:
+        yield
+    finally:
+        library._destroy()
+
+
+@contextlib.contextmanager
+def cuda_foreach_default():
+    """While inside, torch.optim's optimizers default to their foreach implementation on the CPU, as they do on CUDA.
+    (AdamW's foreach step makes a temporary the size of all its moments, e.g. sqrt(exp_avg_sq); its per-tensor loop,
+    the CPU's default, one tensor's worth.) An explicit foreach=False, as fused_backward passes, still holds."""
+    import torch.optim.optimizer as optimizer_module
+    supported = optimizer_module._get_foreach_kernels_supported_devices
+    optimizer_module._get_foreach_kernels_supported_devices = lambda: [*supported(), "cpu"]
+    try:
+        yield
+    finally:
+        optimizer_module._get_foreach_kernels_supported_devices = supported
+
+
+@contextlib.contextmanager
+def cuda_defaults(enabled: bool = True):
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            stack.enter_context(cuda_autocast_policy())
+            stack.enter_context(cuda_foreach_default())
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training run of our loop under the tracker
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _StopAfterLastStep(Exception):
+    """Raised from the last step's callback: nothing after the steps (saving the output) is measured."""
+
+
+def optimizers_of(optimizer) -> list:
+    return list(getattr(optimizer, "optimizers", [optimizer]))  # FusedBackward: one optimizer per tensor
+
+
+def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
+    """The moments etc. of every tensor, and tensors the optimizer object holds itself (bf16_weights' fp32 scratch)."""
+    held = [value for value in vars(optimizer).values() if isinstance(value, torch.Tensor)]
+    return held + [value for opt in optimizers_of(optimizer) for state in opt.state.values()
+                   for value in state.values() if isinstance(value, torch.Tensor)]
+
+
+def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None, num_images: int = 2,
+            cuda_like: bool = True, autocast_cache: bool = False) -> dict:
+    """Train `bundle` (in place) for `steps` steps with TrainConfig(**config) under a StorageTracker; per step: the
+    peak live bytes, the breakdown at the peak, the live bytes at its start and its wall time.
+
+    cuda_like: CPU autocast and AdamW choose as on CUDA (cuda_defaults). autocast_cache=True is an experiment:
+    the training step's autocast with its cache of weight casts, which the loop turns off (see trainer.loop._autocast)."""
+    import trainer.loop as loop
+    from PIL import Image
+    from trainer.callbacks import Callbacks
+    from trainer.config import TrainConfig
+    from trainer.dataset import SubjectImage
+
+    workdir = tempfile.mkdtemp(prefix="memory_model_")
+    cfg = TrainConfig(**{"base_model": "random", "identifier": "zwx", "class_noun": "dog", "device": "cpu",
+                         "output": f"{workdir}/out.safetensors", "resume": False, "with_prior_preservation": True,
+                         "num_class_images": num_images, "batch_size": 1, **config, "max_train_steps": steps,
+                         **({"resolution": resolution} if resolution else {})})
+    generator = torch.Generator().manual_seed(0)
+
+    def images(prefix):  # tiny noise images: the loop resizes them to cfg.resolution before encoding
+        return [SubjectImage(f"{prefix}{i}.png", Image.frombytes(
+            "RGB", (64, 64), torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()))
+            for i in range(num_images)]
+
+    trained = [bundle.unet] + ([bundle.text_encoder] if cfg.train_text_encoder else [])
+    params = [p for m in trained for p in m.parameters()]
+    tracker, found = StorageTracker(), {}
+
+    def weights():
+        return [t for m in trained for t in (*m.parameters(), *m.buffers())]
+
+    def off_device():  # the frozen VAE and text encoder: the loop casts them, caches with them, then moves them off
+        frozen = [m for m in (bundle.vae, bundle.text_encoder) if all(m is not t for t in trained)]
+        return [t for m in frozen for t in (*m.parameters(), *m.buffers())]
+
+    def tag_grad(param):  # runs before fused_backward's own hook (registered earlier), while the grad exists
+        tracker.retag([param.grad], "grads")
+
+    make_optimizer = loop.make_optimizer
+
+    def tracked_make_optimizer(*args, **kwargs):  # find the optimizer; its step()'s allocations are "optimizer temps"
+        optimizer = found["optimizer"] = make_optimizer(*args, **kwargs)
+        for opt in optimizers_of(optimizer):
+            opt.register_step_pre_hook(before_optimizer_step)
+            opt.register_step_post_hook(after_optimizer_step)
+        tracker.retag(optimizer_state_tensors(optimizer), "optimizer state")  # bf16_weights' scratch
+        return optimizer
+
+    def before_optimizer_step(opt, args, kwargs) -> None:  # (a hook's return value would replace the arguments)
+        records[-1].setdefault("peak_before_optimizer", tracker.peak)  # forward and backward (without fused_backward)
+        tracker.set_tag("optimizer temps")
+
+    def after_optimizer_step(opt, args, kwargs) -> None:
+        tracker.set_tag("other")
+        tracker.retag(optimizer_state_tensors(opt), "optimizer state")
+
+    records = []
+
+    class Probe(Callbacks):
+        def should_stop(self):  # called before every step
+            tracker.forget(off_device())
+            tracker.retag(weights(), "weights")
+            gc.collect()
+            tracker.reset_peak()
+            records.append({"live_at_start": tracker.live, "start_breakdown": tracker.live_breakdown(),
+                            "t0": time.perf_counter()})
+            return False
+
+        def on_step(self, info):
+            record = records[-1]
+            record["time_s"] = time.perf_counter() - record.pop("t0")
+            tracker.retag(weights(), "weights")
+            tracker.retag(optimizer_state_tensors(found["optimizer"]), "optimizer state")
+            record.update(step=info.step, peak=tracker.peak, peak_at=tracker.peak_at,
+                          peak_breakdown=tracker.peak_breakdown())
+            if info.step == steps:
+                raise _StopAfterLastStep
+
+    instance_images, class_images = images("i"), images("c")
+    handles = [p.register_post_accumulate_grad_hook(tag_grad) for p in params if p.requires_grad]
+    tracker.count(weights(), "weights")
+    loop.make_optimizer = tracked_make_optimizer
+    autocast = loop._autocast
+    if autocast_cache:
+        loop._autocast = lambda device, precision, cache_casts=True: autocast(device, precision)
+    try:
+        with cuda_defaults(cuda_like), tracker:
+            loop.train(cfg, bundle=bundle, callbacks=Probe(), instance_images=instance_images,
+                       class_images=class_images)
+    except _StopAfterLastStep:
+        pass
+    finally:
+        loop.make_optimizer, loop._autocast = make_optimizer, autocast
+        for handle in handles:
+            handle.remove()
+    return {"config": config, "resolution": cfg.resolution, "cuda_like": cuda_like,
+            "autocast_cache": autocast_cache, "trained_params": sum(p.numel() for p in params),
+            "steps": records, "peak": max(r["peak"] for r in records),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: one subprocess per setting, a markdown table
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_settings() -> list[str]:
+    from trainer.config import TrainConfig
+    lean = "bf16+8bit+gc+fused_backward"
+    if "bf16_weights" in TrainConfig.__dataclass_fields__:
+        lean += "+bf16_weights"
+    return ["fp32", "bf16+8bit+gc", "bf16+8bit+gc+fused_backward", *([lean] if lean.endswith("weights") else []),
+            lean + "+te"]
+
+
+def run_one(args: argparse.Namespace, setting: str, resolution: int) -> dict:
+    from bench.dreambooth_bench import parse_setting, random_bundle
+    result = measure(random_bundle(args.family, args.small), parse_setting(setting).ours, steps=args.steps,
+                     resolution=resolution, cuda_like=not args.cpu_defaults,
+                     autocast_cache=args.autocast_cache)
+    return {**result, "family": args.family, "small": args.small, "setting": setting}
+
+
+def markdown(results: list[dict], unit: str = "GiB") -> str:
+    scale = {"GiB": GIB, "MiB": 2 ** 20}[unit]
+    header = ["setting", f"peak {unit}", *(f"{c} {unit}" for c in CATEGORIES), f"fwd+bwd peak {unit}",
+              f"live between steps {unit}", "CPU s/step", "peak in"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | failed: {r['error']} |")
+            continue
+        worst = max(r["steps"], key=lambda s: s["peak"])
+        last = r["steps"][-1]
+        cells = [r["setting"], f"{r['peak'] / scale:.2f}",
+                 *(f"{worst['peak_breakdown'][c] / scale:.2f}" for c in CATEGORIES),
+                 "—" if r["config"].get("fused_backward") else f"{last['peak_before_optimizer'] / scale:.2f}",
+                 f"{last['live_at_start'] / scale:.2f}", f"{last['time_s']:.1f}",
+                 f"step {worst['step']}, {worst.get('peak_at', '?')}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def theory(results: list[dict]) -> str:
+    lines = []
+    for n in sorted({r["trained_params"] for r in results if "trained_params" in r}):
+        lines.append(f"- {n / 1e6:.1f}M trained parameters: fp32 weights {4 * n / GIB:.2f} GiB, fp32 grads "
+                     f"{4 * n / GIB:.2f} GiB, AdamW state {8 * n / GIB:.2f} GiB, 8-bit AdamW state about "
+                     f"{2 * n / GIB:.2f} GiB (2 B/parameter + block scales).")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Peak live tensor memory (what torch.cuda.max_memory_allocated counts, less allocator rounding, "
+                    "kernel workspaces and the CUDA context) of our DreamBooth training step, measured on the CPU, "
+                    "per setting, as a markdown table. Batch 1 + 1 class image, random full-size weights.",
+        epilog="Settings are '+'-joined parts as in bench/dreambooth_bench.py (fp32, bf16, adamw, 8bit, gc, te, and "
+               "every TrainConfig boolean by name, e.g. fused_backward); all start from fp32 + AdamW. "
+               f"Default: {' '.join(default_settings())}.")
+    parser.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--small", action="store_true", help="the tiny test models (tests/tiny.py), to try it out")
+    parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")
+    parser.add_argument("--settings", nargs="+", help="settings to measure (default: see below)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per run (the peak is over all; default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cpu-defaults", action="store_true",
+                        help="keep the CPU's own choices (autocast runs group_norm/layer_norm in bf16, AdamW steps "
+                             "one tensor at a time) instead of CUDA's (fp32 norms, AdamW's foreach step)")
+    parser.add_argument("--autocast-cache", action="store_true",
+                        help="experiment: the training step's autocast with its cache of bf16 weight copies, "
+                             "which the loop turns off: shows what the cache would cost")
+    parser.add_argument("--out", action="append", default=[], help="write the table (.md) or all (.json)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolution = args.resolution or (64 if args.small else 512)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args, args.one, resolution)), flush=True)
+        return 0
+    flags = [flag for flag, on in (("--small", args.small), ("--cpu-defaults", args.cpu_defaults),
+                                   ("--autocast-cache", args.autocast_cache)) if on]
+    passed_on = ["--family", args.family, "--resolution", str(resolution), "--steps", str(args.steps), *flags,
+                 *(["--threads", str(args.threads)] if args.threads else [])]
+    results = []
+    for setting in args.settings or default_settings():
+        print(f"[{args.family} {resolution}px {setting}]", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, *passed_on, "--one", setting], capture_output=True, text=True)
+        found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            results.append({"setting": setting, "error": f"exit {proc.returncode}: {tail}"})
+        else:
+            results.append(json.loads(found[0]))
+            print(f"    peak {results[-1]['peak'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
+    policy = "the CPU's own autocast and AdamW choices" if args.cpu_defaults else "CUDA's autocast and AdamW choices"
+    table = (f"{'SD2.1' if args.family == 'sd2' else 'SD1.5'}{' (small)' if args.small else ''}, {resolution} px, "
+             f"batch 1 + 1 class image, {args.steps} steps, peak over all steps; {policy}"
+             f"{', autocast cache on' if args.autocast_cache else ''} (torch {torch.__version__}, CPU)\n\n"
+             + markdown(results, "MiB" if args.small else "GiB") + "\n\n" + theory(results) + "\n")
+    print(table)
+    for path in map(Path, args.out):
+        path.write_text(json.dumps(results, indent=1) if path.suffix == ".json" else table)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
