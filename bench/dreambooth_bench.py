@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.presets import PRESETS  # noqa: E402
 from trainer.models import ModelBundle, ModelConfigs, build_bundle, shipped_configs  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
@@ -65,6 +66,8 @@ ATOMS = {
     "8bit": Atom({"optimizer": "adamw8bit"}, ("--use_8bit_adam",)),
     "gc": Atom({"gradient_checkpointing": True}, ("--gradient_checkpointing",)),
     "te": Atom({"train_text_encoder": True}, ("--train_text_encoder",)),
+    # The memory presets, resolved for the GPU at hand (trainer/presets.py); the reference has none.
+    **{name.replace(" ", "").rstrip("+"): Atom({"memory_preset": name}, None) for name in PRESETS},
 }
 # What every setting starts from (the reference's base is tests.reference_harness.reference_args: fp32, AdamW).
 BASE_OURS = {"mixed_precision": "no", "optimizer": "adamw"}
@@ -73,7 +76,8 @@ FIXED_BOOLEANS = {"with_prior_preservation": True, "resume": False}
 # The reference's flag for a TrainConfig boolean added later; one without an entry is benchmarked for us only.
 REFERENCE_FLAGS = {}
 
-DEFAULT_MATRIX = ("fp32", "fp16", "bf16", "bf16+8bit", "bf16+gc", "bf16+8bit+gc", "bf16+te", "bf16+8bit+gc+te")
+DEFAULT_MATRIX = ("fp32", "fp16", "bf16", "bf16+8bit", "bf16+gc", "bf16+8bit+gc", "bf16+te", "bf16+8bit+gc+te",
+                  "8GB", "8GB+te", "12GB", "12GB+te", "24GB")
 DEFAULT_CPU_MATRIX = ("fp32", "bf16", "fp32+gc", "fp32+te")  # no 8-bit AdamW or fp16 autocast on a CPU
 
 

@@ -14,6 +14,11 @@ def test_settings_combine_our_overrides_and_reference_flags():
     setting = bench.parse_setting("bf16+8bit+gc")
     assert setting.ours == {"mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True}
     assert setting.reference == ("--mixed_precision", "bf16", "--use_8bit_adam", "--gradient_checkpointing")
+    preset = bench.parse_setting("8GB+te")  # resolved by train() for the GPU at hand; the reference has no presets
+    assert preset.ours == {**bench.BASE_OURS, "memory_preset": "8 GB", "train_text_encoder": True}
+    assert preset.reference is None and "8GB" in bench.default_matrix(cuda=True)
+    for name in bench.default_matrix(cuda=True) + bench.default_matrix(cuda=False):
+        assert bench.parse_setting(name).name == name  # every default setting parses
     with pytest.raises(ValueError, match="unknown part"):
         bench.parse_setting("bf16+warp_drive")
     with pytest.raises(ValueError, match="both set mixed_precision"):

@@ -1,19 +1,113 @@
+"""Memory presets: every preset is a valid configuration on GPUs with and without bf16, "auto" picks by the card's
+memory, and train() applies them, logs what they chose and trains with those levers."""
+import types
+
 import pytest
+import torch
 
+import trainer.loop
+from trainer.callbacks import Callbacks
 from trainer.config import ConfigError, TrainConfig
-from trainer.presets import apply_preset
+from trainer.fused import FusedBackward
+from trainer.presets import PRESETS, apply_preset, preset_for_memory
+from tests.test_train import config, images  # noqa: F401 (fixture)
+from tests.tiny import one_thread, tiny_bundle  # noqa: F401  (autouse: one torch thread in this module)
+
+GIB = 2 ** 30
+USER = dict(base_model="m.safetensors", identifier="zwx", class_noun="dog", output="o.safetensors",
+            optimizer="adamw", mixed_precision="no", gradient_checkpointing=False, learning_rate=3e-6)
 
 
-def test_presets_choose_levers_and_custom_keeps_settings():
-    cfg = TrainConfig(identifier="zwx", class_noun="dog", train_text_encoder=True, optimizer="adamw")
-    small = apply_preset(cfg, "8 GB")
-    assert small.gradient_checkpointing and small.optimizer == "adamw8bit" and not small.train_text_encoder
-    assert apply_preset(cfg, "12 GB").train_text_encoder  # the 12 GB preset keeps the user's choice
-    assert not apply_preset(cfg, "24 GB+").gradient_checkpointing
-    assert apply_preset(cfg, "custom") is cfg
-    assert small.instance_prompt == "a zwx dog"  # everything else carries over
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("has_bf16", [True, False])
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_every_preset_is_a_valid_configuration_and_keeps_the_users_choices(name, has_bf16, train_text_encoder):
+    cfg = apply_preset(TrainConfig(**USER, train_text_encoder=train_text_encoder), name, has_bf16)
+    cfg.validate()  # e.g. fused_backward with fp16, or bf16_weights without bf16 compute, would be refused here
+    assert cfg.memory_preset == name
+    assert cfg.train_text_encoder == train_text_encoder and cfg.learning_rate == 3e-6
+    assert cfg.instance_prompt == "a zwx dog"
 
 
-def test_unknown_preset_is_named():
-    with pytest.raises(ConfigError, match="4 GB"):
-        apply_preset(TrainConfig(), "4 GB")
+def test_without_bf16_no_preset_needs_it_and_8_gb_keeps_the_fused_step_in_fp32():
+    for name in PRESETS:
+        cfg = apply_preset(TrainConfig(**USER), name, has_bf16=False)
+        assert not cfg.bf16_weights and cfg.mixed_precision != "bf16"
+    lean = apply_preset(TrainConfig(**USER), "8 GB", has_bf16=False)
+    assert lean.fused_backward and lean.mixed_precision == "no" and lean.optimizer == "adamw8bit"
+    with_bf16 = apply_preset(TrainConfig(**USER), "8 GB", has_bf16=True)
+    assert with_bf16.fused_backward and with_bf16.bf16_weights and with_bf16.mixed_precision == "bf16"
+
+
+def test_the_smaller_the_preset_the_leaner_its_levers():
+    def lean_levers(name):
+        cfg = apply_preset(TrainConfig(**USER), name, has_bf16=True)
+        return (cfg.gradient_checkpointing + (cfg.optimizer == "adamw8bit") + cfg.fused_backward + cfg.bf16_weights)
+    assert lean_levers("8 GB") > lean_levers("12 GB") > lean_levers("24 GB+")
+
+
+@pytest.mark.parametrize("card_gib, preset", [(5.8, "8 GB"), (7.6, "8 GB"), (10.9, "8 GB"), (11.7, "12 GB"),
+                                               (15.7, "12 GB"), (23.6, "24 GB+"), (79.1, "24 GB+")])
+def test_auto_picks_the_preset_for_the_cards_memory(card_gib, preset):
+    assert preset_for_memory(int(card_gib * GIB)) == preset
+    cfg = apply_preset(TrainConfig(**USER), "auto", has_bf16=True, total_memory=int(card_gib * GIB))
+    assert cfg.memory_preset == preset
+
+
+def test_auto_without_a_gpu_and_custom_keep_the_settings_and_unknown_names_are_refused():
+    cfg = TrainConfig(**USER)
+    assert apply_preset(cfg, "auto", has_bf16=False, total_memory=None) is cfg
+    assert apply_preset(cfg, "custom", has_bf16=True, total_memory=8 * GIB) is cfg
+    assert apply_preset(cfg, "8gb", has_bf16=True).memory_preset == "8 GB"  # as typed on a command line
+    assert apply_preset(cfg, "24GB", has_bf16=True).memory_preset == "24 GB+"
+    with pytest.raises(ConfigError, match="memory_preset: '4 GB'.*'8 GB'"):
+        apply_preset(cfg, "4 GB", has_bf16=True)
+
+
+class Log(Callbacks):
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message):
+        self.lines.append(message)
+
+
+def test_train_applies_the_preset_logs_its_levers_and_trains_with_them(images, tmp_path, monkeypatch):
+    made = []
+    make_optimizer = trainer.loop.make_optimizer
+    monkeypatch.setattr(trainer.loop, "make_optimizer", lambda cfg, *a: made.append(make_optimizer(cfg, *a)) or made[-1])
+    log = Log()
+    cfg = config(images, tmp_path, memory_preset="8 GB", max_train_steps=2, max_grad_norm=0.0)
+    result = trainer.loop.train(cfg, bundle=tiny_bundle("sd1"), callbacks=log)
+    assert result.steps == 2
+    # On the CPU (no bf16 here): the fallback, fused 8-bit AdamW in fp32
+    assert isinstance(made[0], FusedBackward) and "8bit" in type(made[0].optimizers[0]).__name__
+    line = next(line for line in log.lines if line.startswith("Memory preset"))
+    assert "'8 GB' on cpu" in line and "fused backward" in line and "optimizer adamw8bit" in line
+    assert "bf16 weights" not in line
+
+
+def test_a_gpu_has_bf16_only_when_native_not_emulated(monkeypatch):
+    # torch.cuda.is_bf16_supported() says yes on a T4 (compute capability 7.5): bf16 emulated, many times slower
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = torch.device("cuda", 0)
+    for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=major))
+        assert trainer.loop.resolve_precision("auto", cuda) == expected
+        assert trainer.loop.has_native_bf16(cuda) == (expected == torch.bfloat16)
+    assert not trainer.loop.has_native_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("preset, advice", [("custom", "Choose memory_preset '8 GB'"),
+                                            ("8 GB", "already the leanest memory preset")])
+def test_out_of_memory_names_the_preset_to_choose(images, tmp_path, preset, advice):
+    bundle = tiny_bundle("sd1")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    bundle.unet.forward = out_of_memory
+    with pytest.raises(MemoryError, match=advice) as raised:
+        trainer.loop.train(config(images, tmp_path, memory_preset=preset), bundle=bundle)
+    assert "resolution 32, batch size 1" in str(raised.value) and "run again to resume" in str(raised.value)

@@ -27,6 +27,7 @@ from .fused import FusedBackward, PerTensorOptimizer
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
+from .presets import apply_preset, describe_levers
 from .priors import ensure_class_priors, load_prior_images
 from .randomness import StepRandomness
 from .sampling import sample_images, size_multiple
@@ -34,7 +35,7 @@ from .sampling import sample_images, size_multiple
 # Settings that do not change what is learned; a saved state stays valid when only these differ. (Not channels_last:
 # 8-bit AdamW's saved moments are flat memory in the layout of the run that made them; see trainer/speed.py.)
 _NOT_LEARNING = ("output", "checkpoint_every", "resume", "sample_every", "sample_prompts", "save_dtype", "device",
-                 "prior_cache_dir", "compile_unet")
+                 "prior_cache_dir", "compile_unet", "memory_preset")  # (a preset's levers are counted themselves)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -54,11 +55,11 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
 
     Photos come from cfg.instance_dir unless given as `instance_images`; class images from `class_images`, else
     cfg.class_dir, else the prior cache (generated on demand)."""
-    cfg.validate()
-    if instance_images is None and not cfg.instance_dir:
-        raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
+    cfg = _with_memory_preset(cfg, device, callbacks).validate()
+    if instance_images is None and not cfg.instance_dir:
+        raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
     precision = resolve_precision(cfg.mixed_precision, device)
     if cfg.bf16_weights:
         precision = _bf16_weights_precision(cfg, precision)
@@ -185,12 +186,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware (NVIDIA Ampere and newer, AMD via ROCm). torch.cuda.is_bf16_supported() alone also says yes
+    on older GPUs, where bf16 is emulated and slow."""
+    if device.type != "cuda":
+        return False
+    return torch.version.hip is not None or torch.cuda.get_device_properties(device).major >= 8
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32."""
     if name == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
@@ -200,6 +209,18 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
     return module
+
+
+def _with_memory_preset(cfg: TrainConfig, device: torch.device, callbacks: Callbacks) -> TrainConfig:
+    if cfg.memory_preset == "custom":
+        return cfg
+    cuda = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device), total_memory=total)
+    on = f"{torch.cuda.get_device_name(device)}, {total / 2 ** 30:.1f} GiB" if cuda else device.type
+    chosen = resolved.memory_preset if resolved is not cfg else "none: the settings as given"
+    callbacks.log(f"Memory preset {cfg.memory_preset!r} on {on}: {chosen}; {describe_levers(resolved)}")
+    return resolved
 
 
 def _bf16_weights_precision(cfg: TrainConfig, precision: torch.dtype | None) -> torch.dtype:
@@ -377,11 +398,16 @@ def _out_of_memory_help(cfg):
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
+        if cfg.memory_preset == "8 GB":
+            advice = "This is already the leanest memory preset: lower the resolution or batch size"
+        else:
+            advice = ("Choose memory_preset '8 GB' (about 4 GiB for SD 1.5's UNet at 512 px), or with 'custom' turn "
+                      "on gradient_checkpointing, fused_backward, optimizer 'adamw8bit' and, on RTX 30xx and newer, "
+                      "bf16_weights")
         raise MemoryError(
-            f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. Turn on "
-            "gradient_checkpointing, use optimizer 'adamw8bit' and mixed_precision 'fp16'/'bf16' (or 'bf16' with "
-            "fused_backward and bf16_weights), keep train_text_encoder off, or lower the resolution. The last saved "
-            "state is kept; run again to resume."
+            f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. {advice}; keep "
+            "train_text_encoder off; close other programs that use the GPU. The last saved state is kept; run again "
+            "to resume."
         ) from error
 
 

@@ -1,8 +1,11 @@
 """Memory presets: named bundles of the memory levers, for people who know their card, not the levers.
 
-They only choose among the levers; "custom" leaves the individual settings as given.
-fused_backward is in none of them: their precision is "auto", which is fp16 on GPUs without bf16 (GTX 10xx, RTX 20xx,
-T4), and fused_backward refuses fp16.
+Each preset is the fastest bundle that fits a card of its size. bf16_weights needs bf16 compute (NVIDIA Ampere, RTX
+30xx, and newer), and fused_backward cannot work with fp16's loss scaling. So on GPUs without native bf16 (GTX 10xx,
+RTX 20xx, T4, V100) each preset falls back to fp16 compute without either, except "8 GB", which computes in fp32 to
+keep fused_backward (without it, fp32 weights and all their gradients would not fit).
+"auto" picks the preset from the card's memory; "custom" leaves the individual settings as given.
+No torch here: the ComfyUI node reads PRESET_NAMES when it registers.
 """
 from __future__ import annotations
 
@@ -10,21 +13,61 @@ import dataclasses
 
 from .config import ConfigError, TrainConfig
 
-PRESETS: dict[str, dict] = {
-    # Every saving on: checkpointed activations, 8-bit moments, half-precision compute, frozen text encoder.
-    "8 GB": dict(gradient_checkpointing=True, optimizer="adamw8bit", mixed_precision="auto",
-                 train_text_encoder=False, attention="sdpa"),
-    # Room for the text encoder's training too, still with checkpointing and 8-bit moments.
-    "12 GB": dict(gradient_checkpointing=True, optimizer="adamw8bit", mixed_precision="auto", attention="sdpa"),
-    # Fastest: no recomputation, full-precision optimizer moments.
-    "24 GB+": dict(gradient_checkpointing=False, optimizer="adamw", mixed_precision="auto", attention="sdpa"),
+_LEAN = dict(gradient_checkpointing=True, optimizer="adamw8bit")
+_FAST = dict(gradient_checkpointing=False, optimizer="adamw", fused_backward=False, bf16_weights=False)
+
+# name -> (levers on a GPU with bf16, levers on one without). The text encoder's training and the attention kernel
+# (SDPA and xformers are both memory-efficient) stay the user's choice.
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # The weights in bf16, stepped tensor by tensor in the backward pass: 2 bytes a parameter for the weight and 2 for
+    # the 8-bit moments, and no whole-model gradients (one tensor's at a time).
+    "8 GB": (dict(_LEAN, mixed_precision="bf16", fused_backward=True, bf16_weights=True),
+             dict(_LEAN, mixed_precision="no", fused_backward=True, bf16_weights=False)),
+    # fp32 weights (no rounding of small updates at all), still fused and checkpointed.
+    "12 GB": (dict(_LEAN, mixed_precision="bf16", fused_backward=True, bf16_weights=False),
+              dict(_LEAN, mixed_precision="fp16", fused_backward=False, bf16_weights=False)),
+    # Fastest: no recomputation, full-precision moments, the ordinary (multi-tensor) optimizer step.
+    "24 GB+": (dict(_FAST, mixed_precision="bf16"), dict(_FAST, mixed_precision="fp16")),
 }
-PRESET_NAMES = ("custom", *PRESETS)
+PRESET_NAMES = ("auto", "custom", *PRESETS)
+GIB = 2 ** 30
 
 
-def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
+def preset_for_memory(total_bytes: int) -> str:
+    """The preset "auto" picks for a card with this much memory (an "8 GB" card reports a little under 8 GiB)."""
+    if total_bytes >= 20 * GIB:
+        return "24 GB+"
+    return "12 GB" if total_bytes >= 11 * GIB else "8 GB"
+
+
+def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int | None = None) -> TrainConfig:
+    """`cfg` with the levers of preset `name` for a device with (or without) native bf16 and `total_memory` bytes
+    (None: not a GPU, where "auto" keeps the settings as given)."""
+    name = _canonical(name)
+    if name == "auto":
+        if total_memory is None:
+            return cfg
+        name = preset_for_memory(total_memory)
     if name == "custom":
         return cfg
-    if name not in PRESETS:
-        raise ConfigError(f"memory preset: {name!r} is not one of {', '.join(PRESET_NAMES)}")
-    return dataclasses.replace(cfg, **PRESETS[name])
+    with_bf16, without_bf16 = PRESETS[name]
+    return dataclasses.replace(cfg, memory_preset=name, **(with_bf16 if has_bf16 else without_bf16))
+
+
+def _canonical(name: str) -> str:
+    """The preset's own spelling of `name`, which may differ in case, spaces and the "+" ("24gb" on a command line)."""
+    def key(spelling: str) -> str:
+        return spelling.replace(" ", "").rstrip("+").lower()
+    found = {key(n): n for n in PRESET_NAMES}.get(key(name))
+    if found is None:
+        raise ConfigError(f"memory_preset: {name!r} is not one of {', '.join(repr(n) for n in PRESET_NAMES)}")
+    return found
+
+
+def describe_levers(cfg: TrainConfig) -> str:
+    """One line naming the levers in effect, for the run's log."""
+    parts = [f"precision {cfg.mixed_precision}", f"optimizer {cfg.optimizer}",
+             *(name.replace("_", " ") for name in ("gradient_checkpointing", "fused_backward", "bf16_weights",
+                                                  "channels_last", "compile_unet") if getattr(cfg, name)),
+             "text encoder trained" if cfg.train_text_encoder else "text encoder frozen"]
+    return ", ".join(parts)
