@@ -20,6 +20,7 @@ from trainer.fused import FusedBackward, PerTensorOptimizer, rounding_seed, stoc
 from trainer.loop import train
 from trainer.models import load_model
 from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
+from tests.test_fused import same_weights
 from tests.test_train import CrashAt, StopAfter, config, images  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
 from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
@@ -204,14 +205,6 @@ def test_bf16_weights_learn_what_fp32_weights_learn(images, tmp_path, monkeypatc
 
 
 # --- 4. resume --------------------------------------------------------------------------------------------------------
-
-def same_weights(a, b, names=("unet", "text_encoder")) -> bool:
-    for name in names:
-        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
-        if not all(torch.equal(sa[k], sb[k]) for k in sa):
-            return False
-    return True
-
 
 @pytest.mark.parametrize("optimizer, fused, interrupt", [("adamw", False, StopAfter), ("adamw8bit", True, CrashAt)])
 def test_cancelled_and_resumed_run_ends_with_the_same_weights(images, tmp_path, monkeypatch, optimizer, fused,
