@@ -32,8 +32,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.presets import PRESETS  # noqa: E402
 from trainer.models import ModelBundle, ModelConfigs, build_bundle, shipped_configs  # noqa: E402
+from trainer.presets import PRESETS, short_name  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
 DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "/tmp/ref/train_dreambooth.py")
@@ -67,7 +67,7 @@ ATOMS = {
     "gc": Atom({"gradient_checkpointing": True}, ("--gradient_checkpointing",)),
     "te": Atom({"train_text_encoder": True}, ("--train_text_encoder",)),
     # The memory presets, resolved for the GPU at hand (trainer/presets.py); the reference has none.
-    **{name.replace(" ", "").rstrip("+"): Atom({"memory_preset": name}, None) for name in PRESETS},
+    **{short_name(name): Atom({"memory_preset": name}, None) for name in PRESETS},
 }
 # What every setting starts from (the reference's base is tests.reference_harness.reference_args: fp32, AdamW).
 BASE_OURS = {"mixed_precision": "no", "optimizer": "adamw"}

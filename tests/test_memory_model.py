@@ -1,8 +1,6 @@
 """bench/memory_model.py's StorageTracker counts live tensor storage as torch.cuda.max_memory_allocated would, and its
 run of our loop on a tiny model puts the bytes in the right categories."""
 import json
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -150,20 +148,20 @@ def test_cuda_defaults_run_norms_in_fp32_under_autocast_and_adamw_foreach_on_the
 
 
 
-def allocator_peak(step) -> int:
+def allocator_peak(step, folder) -> int:
     """The CPU allocator's own peak of bytes allocated while `step` runs, as torch.profiler records it: an account
     kept inside c10's allocator, independent of what the tracker sees of aten ops and storage lifetimes."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    trace = tmp_dir() / "trace.json"
+    trace = folder / "trace.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkpointing):
+def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkpointing, tmp_path):
     from bench.dreambooth_bench import random_bundle
     unet = random_bundle("sd1", small=True).unet.train()
     unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
@@ -178,7 +176,7 @@ def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkp
         optimizer.zero_grad(set_to_none=True)
 
     step()  # the moments exist from here on: both counts start with them
-    expected = allocator_peak(step)
+    expected = allocator_peak(step, tmp_path)
     with StorageTracker() as tracker:
         step()
     # The allocator also counts what a kernel allocates and frees inside one op (oneDNN's scratch in a bf16 matmul; on
@@ -186,7 +184,3 @@ def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkp
     # here. Missing the autocast cache (up to 20% here), a gradient, or any free would put the two far apart.
     assert 0 <= expected - tracker.peak <= 0.02 * expected
     assert tracker.peak > sum(p.numel() * 4 for p in unet.parameters())  # the gradients at least
-
-
-def tmp_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="memory_model_test_"))

@@ -54,11 +54,14 @@ def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int 
     return dataclasses.replace(cfg, memory_preset=name, **(with_bf16 if has_bf16 else without_bf16))
 
 
+def short_name(name: str) -> str:
+    """How a preset may be typed where spaces and "+" get in the way: "8 GB" -> "8GB", "24 GB+" -> "24GB"."""
+    return name.replace(" ", "").rstrip("+")
+
+
 def _canonical(name: str) -> str:
     """The preset's own spelling of `name`, which may differ in case, spaces and the "+" ("24gb" on a command line)."""
-    def key(spelling: str) -> str:
-        return spelling.replace(" ", "").rstrip("+").lower()
-    found = {key(n): n for n in PRESET_NAMES}.get(key(name))
+    found = {short_name(n).lower(): n for n in PRESET_NAMES}.get(short_name(name).lower())
     if found is None:
         raise ConfigError(f"memory_preset: {name!r} is not one of {', '.join(repr(n) for n in PRESET_NAMES)}")
     return found
