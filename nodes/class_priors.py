@@ -35,17 +35,17 @@ class GenerateClassPriors(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name, class_noun, count, size, steps, guidance, seed) -> io.NodeOutput:
-        from ..trainer.models import load_model
-        from ..trainer.priors import ensure_class_priors, load_prior_images
+        from ..trainer.api import class_images
+        from ..trainer.priors import load_prior_images
 
-        bundle = load_model(comfy_hooks.checkpoint_path(ckpt_name))
         progress = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, count)
 
         def on_progress(done, total):
             progress.bar.update_absolute(done, total)  # raises on the stop button; finished images stay cached
 
-        paths = ensure_class_priors(bundle, f"a {class_noun.strip()}", count=count,
-                                    cache_root=comfy_hooks.prior_cache_folder(), width=size, height=size, steps=steps,
-                                    guidance=guidance, seed=seed, device=comfy_hooks.device(), on_progress=on_progress)
-        comfy_hooks.release(bundle)
+        comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
+        paths = class_images(comfy_hooks.checkpoint_path(ckpt_name), f"a {class_noun.strip()}", count=count,
+                             cache_root=comfy_hooks.prior_cache_folder(), size=size, steps=steps, guidance=guidance,
+                             seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log, on_progress=on_progress)
+        comfy_hooks.release()
         return io.NodeOutput(pil_to_image_batch(load_prior_images(paths)))

@@ -41,11 +41,15 @@ def free_comfy_models() -> None:
     comfy.model_management.soft_empty_cache()
 
 
-def release(*objects) -> None:
-    """Drop what the pack loaded and hand the memory back."""
-    del objects
+def release() -> None:
+    """Hand back the memory of what the pack loaded. The engine's calls keep no reference to their models once they
+    return (trainer/api.py), so collecting and emptying the cache frees all of it."""
     gc.collect()
     comfy.model_management.soft_empty_cache()
+
+
+def log(message: str) -> None:
+    logging.info("[DreamBooth] %s", message)
 
 
 class ComfyCallbacks(Callbacks):
@@ -80,5 +84,5 @@ class ComfyCallbacks(Callbacks):
             self.update_bar(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
 
     def log(self, message: str) -> None:
-        logging.info("[DreamBooth] %s", message)
+        log(message)
         self.send("status", text=message)

@@ -33,15 +33,12 @@ class PickRareToken(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name, class_noun, candidates, seed) -> io.NodeOutput:
-        from ..trainer.models import load_model
-        from ..trainer.tokens import candidate_identifiers, rank_identifiers
+        from ..trainer.api import pick_identifiers
 
-        bundle = load_model(comfy_hooks.checkpoint_path(ckpt_name))
-        for module in (bundle.unet, bundle.text_encoder):
-            module.to(comfy_hooks.device())
-        pool = candidate_identifiers(bundle.tokenizer, count=200, seed=seed)
-        ranked = rank_identifiers(bundle, pool, class_noun.strip(), seed=seed, shortlist=40)[:candidates]
-        comfy_hooks.release(bundle)
+        comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
+        ranked = pick_identifiers(comfy_hooks.checkpoint_path(ckpt_name), class_noun.strip(), count=candidates,
+                                  seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log)
+        comfy_hooks.release()
         table = "\n".join(f"{t.identifier:<8} prior strength {t.strength:.3f}" for t in ranked)
         best = ranked[0].identifier
         return io.NodeOutput(best, f"a {best} {class_noun.strip()}",

@@ -57,7 +57,8 @@ def test_pick_token_lists_ranked_identifiers(base_model, capsys):
     assert main(["pick-token", "--model", str(base_model), "--class-noun", "dog", "--count", "3",
                  "--candidates", "12", "--shortlist", "6"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines[1:4]]
+    header = next(i for i, line in enumerate(lines) if line.startswith("identifier"))
+    rows = [line.split() for line in lines[header + 1:header + 4]]
     strengths = [float(row[1]) for row in rows]
     assert strengths == sorted(strengths) and all(row[0].isalpha() for row in rows)
     assert f"--identifier {rows[0][0]}" in lines[-1]

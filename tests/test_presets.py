@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 
+import trainer.device
 import trainer.loop
 from trainer.callbacks import Callbacks
 from trainer.config import ConfigError, TrainConfig
@@ -94,9 +95,9 @@ def test_a_gpu_has_bf16_only_when_native_not_emulated(monkeypatch):
     cuda = torch.device("cuda", 0)
     for major, expected in ((7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(major=major))
-        assert trainer.loop.resolve_precision("auto", cuda) == expected
-        assert trainer.loop.has_native_bf16(cuda) == (expected == torch.bfloat16)
-    assert not trainer.loop.has_native_bf16(torch.device("cpu"))
+        assert trainer.device.resolve_precision("auto", cuda) == expected
+        assert trainer.device.has_native_bf16(cuda) == (expected == torch.bfloat16)
+    assert not trainer.device.has_native_bf16(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("preset, advice", [("custom", "Choose memory_preset '8 GB'"),
@@ -110,4 +111,6 @@ def test_out_of_memory_names_the_preset_to_choose(images, tmp_path, preset, advi
     bundle.unet.forward = out_of_memory
     with pytest.raises(MemoryError, match=advice) as raised:
         trainer.loop.train(config(images, tmp_path, memory_preset=preset), bundle=bundle)
-    assert "resolution 32, batch size 1" in str(raised.value) and "run again to resume" in str(raised.value)
+    message = str(raised.value)
+    assert "in the training phase, asking for 20.00 MiB more" in message and "resolution 32, batch size 1" in message
+    assert "No training state was saved yet" in message

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .config import ConfigError, TrainConfig
 
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
@@ -112,12 +110,9 @@ def _add_config_options(parser) -> None:
 
 
 def _pick_token(args) -> int:
-    from .tokens import candidate_identifiers, rank_identifiers
-    bundle = _load_on_device(args.model)
-    candidates = candidate_identifiers(bundle.tokenizer, count=args.candidates, seed=args.seed)
-    with torch.no_grad():
-        ranked = rank_identifiers(bundle, candidates, args.class_noun, seed=args.seed,
-                                  shortlist=args.shortlist)[:args.count]
+    from .api import pick_identifiers
+    ranked = pick_identifiers(args.model, args.class_noun, count=args.count, candidates=args.candidates,
+                              shortlist=args.shortlist, seed=args.seed, log=_log)
     print(f"{'identifier':<12} prior strength   (lower = weaker prior = better)")
     for token in ranked:
         print(f"{token.identifier:<12} {token.strength:.4f}")
@@ -126,11 +121,10 @@ def _pick_token(args) -> int:
 
 
 def _priors(args) -> int:
-    from .priors import ensure_class_priors
-    bundle = _load_on_device(args.model)
-    paths = ensure_class_priors(
-        bundle, f"a {args.class_noun}", count=args.count, cache_root=args.cache, width=args.size,
-        height=args.size, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+    from .api import class_images
+    paths = class_images(
+        args.model, f"a {args.class_noun}", count=args.count, cache_root=args.cache, size=args.size,
+        steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, log=_log,
         on_progress=lambda done, total: print(f"\rclass images {done}/{total}", end="", flush=True))
     print(f"\n{len(paths)} class images in {paths[0].parent}")
     return 0
@@ -152,14 +146,13 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .sampling import sample_images
-    bundle = _load_on_device(args.model)
+    from .api import sample
     prompts = [p for p in args.prompt for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = sample_images(bundle, prompts, seeds=seeds, steps=args.steps, guidance=args.guidance,
-                           width=args.size, height=args.size, sampler=args.sampler)
+    images = sample(args.model, prompts, seeds=seeds, size=args.size, steps=args.steps, guidance=args.guidance,
+                    sampler=args.sampler, log=_log)
     for i, (image, seed) in enumerate(zip(images, seeds)):
         image.save(out / f"{i:03d}-seed{seed}.png")
     print(f"{len(images)} images in {out}")
@@ -172,14 +165,8 @@ def _demo(args) -> int:
     return 0
 
 
-def _load_on_device(path: str):
-    from .loop import resolve_device
-    from .models import load_model
-    bundle = load_model(path)
-    device = resolve_device("auto")
-    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
-        module.to(device).eval()
-    return bundle
+def _log(message: str) -> None:
+    print(message, flush=True)
 
 
 class _ConsolePrinter:

@@ -74,6 +74,7 @@ class TrainConfig:
     resume: bool = _setting(True, "Continue from a saved state beside the output when it was made with the same settings and images.")
     sample_every: int = _setting(0, "Make preview images of sample_prompts every N steps (0 = only at the end).")
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts for preview images, e.g. 'a zwx dog on the beach'."})
+    sample_steps: int = _setting(20, "Sampling steps of each preview image.")
 
     def __post_init__(self):
         self.instance_prompt = self.instance_prompt or f"a {self.identifier} {self.class_noun}"
@@ -109,6 +110,7 @@ class TrainConfig:
         _at_least(self.lr_warmup_steps, 0, "lr_warmup_steps")
         _at_least(self.checkpoint_every, 0, "checkpoint_every")
         _at_least(self.sample_every, 0, "sample_every")
+        _at_least(self.sample_steps, 1, "sample_steps")
         if not 0 < self.learning_rate < 1:
             raise ConfigError(f"learning_rate: {self.learning_rate} is out of range; DreamBooth uses about 1e-6 to 5e-6")
         if self.prior_loss_weight < 0:

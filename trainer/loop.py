@@ -23,12 +23,14 @@ from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .dataset import SubjectImage, image_fingerprint, load_image_folder, to_training_tensor
+from .device import describe, has_native_bf16, inference_dtype, resolve_device, resolve_precision, total_memory
 from .fused import FusedBackward, PerTensorOptimizer
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
+from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
 from .presets import apply_preset, describe_levers
-from .priors import ensure_class_priors, load_prior_images
+from .priors import load_prior_images, make_class_priors
 from .randomness import StepRandomness
 from .sampling import sample_images, size_multiple
 
@@ -92,15 +94,40 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     if not cfg.with_prior_preservation:
         class_images = []
     elif class_images is None:
-        class_images = _class_images(cfg, bundle, callbacks, device, precision)
-    frozen_dtype = precision or torch.float32
-    latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, device, frozen_dtype)
-    text = TextConditioning(bundle, cfg, device, frozen_dtype)
+        class_images = _class_images(cfg, bundle, callbacks, device)
+    # The frozen VAE and text encoder encode in the training step's precision, as the reference script does.
+    with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
+        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase,
+                                    precision or torch.float32)
+        text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
+    state_dir = state_io.state_dir_for(cfg.output)
+    fingerprint = _fingerprint(cfg, bundle, instance_images, class_images)
     modules = {"unet": bundle.unet}
     if cfg.train_text_encoder:
         modules["text_encoder"] = bundle.text_encoder
-    _prepare_for_training(bundle, cfg, modules, device, callbacks)
+    with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
+        result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
+                                      state_dir, fingerprint)
+    del latents, text  # the last of the run on the GPU: saving needs none of it
+    with Phase(SAVING, device, log=callbacks.log, host_only=True):
+        try:
+            _save_output(cfg, bundle, result.steps)
+        except OSError:
+            with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
+                state_io.save_finished_state(state_dir, fingerprint=fingerprint, position=position,
+                                             modules=modules, losses=result.losses)
+            raise
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
+    return result
+
+
+def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
+               fingerprint) -> tuple[TrainResult, state_io.Position]:
+    """The steps and the final previews, with the trained modules and the optimizer on the device; both leave it
+    when this returns."""
+    device = phase.device
+    _prepare_for_training(bundle, cfg, modules, phase, callbacks)
     unet = bundle.unet  # the step's forward; with compile_unet a compiled wrapper, and bundle.unet stays plain
     if cfg.compile_unet:
         unet = speed.compile_for_training(bundle, latents, text, cfg, device, lambda: _autocast(device, precision),
@@ -110,8 +137,6 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
-    fingerprint = _fingerprint(cfg, bundle, instance_images, class_images)
-    state_dir = state_io.state_dir_for(cfg.output)
     position, losses = _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler,
                                callbacks)
     if cfg.channels_last:
@@ -140,7 +165,7 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         noisy = bundle.noise_scheduler.add_noise(model_input, noise, timesteps)
         if cfg.channels_last:
             noisy = speed.channels_last_input(noisy)
-        with _out_of_memory_help(cfg), speed.compile_help(cfg.compile_unet):
+        with speed.compile_help(cfg.compile_unet):
             with _autocast(device, precision, cache_casts=False):
                 cond = text.states(len(items), latents.with_prior)
                 pred = unet(noisy, timesteps, cond).sample
@@ -149,77 +174,44 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
             _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
 
         position.step += 1
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
+        loss_value, instance_value, prior_value = to_host(loss, instance_loss, prior_loss)
+        losses.append(loss_value)
+        if not math.isfinite(loss_value):
             raise FloatingPointError(
-                f"The loss became {losses[-1]} at step {position.step}: training diverged. Lower learning_rate, use "
+                f"The loss became {loss_value} at step {position.step}: training diverged. Lower learning_rate, use "
                 "mixed_precision 'bf16' or 'no' instead of 'fp16', and check the base model loads and samples well.")
         elapsed = time.monotonic() - started
         done_here = position.step - resumed_from
         callbacks.on_step(StepInfo(
-            step=position.step, total=cfg.max_train_steps, loss=losses[-1], instance_loss=instance_loss.item(),
-            prior_loss=prior_loss.item(), lr=lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,
+            step=position.step, total=cfg.max_train_steps, loss=loss_value, instance_loss=instance_value,
+            prior_loss=prior_value, lr=lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,
             eta_s=elapsed / done_here * (cfg.max_train_steps - position.step)))
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
             save_state()
         if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
-            callbacks.on_samples(position.step, _previews(bundle, cfg, device, precision))
+            callbacks.on_samples(position.step, _previews(bundle, cfg, callbacks, device, precision))
 
     if cfg.channels_last:
         speed.to_contiguous(bundle.unet)  # the caller gets the UNet laid out as it gave it
-    samples = _previews(bundle, cfg, device, precision)
+    samples = _previews(bundle, cfg, callbacks, device, precision)
     if samples:
         callbacks.on_samples(position.step, samples)
-    try:
-        _save_output(cfg, bundle, position.step)
-    except OSError:
-        with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
-            save_state()
-        raise
-    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
-    return TrainResult(cfg.output, position.step, losses, samples, resumed_from)
+    return TrainResult(cfg.output, position.step, losses, samples, resumed_from), position
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """bf16 in hardware (NVIDIA Ampere and newer, AMD via ROCm). torch.cuda.is_bf16_supported() alone also says yes
-    on older GPUs, where bf16 is emulated and slow."""
-    if device.type != "cuda":
-        return False
-    return torch.version.hip is not None or torch.cuda.get_device_properties(device).major >= 8
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if has_native_bf16(device) else torch.float16
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move, and cast only when needed (diffusers warns on every dtype cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
-    return module
+def to_host(*values: torch.Tensor) -> list[float]:
+    """The values as Python floats in one transfer: the step's one wait for the GPU."""
+    return torch.stack([value.detach() for value in values]).tolist()
 
 
 def _with_memory_preset(cfg: TrainConfig, device: torch.device, callbacks: Callbacks) -> TrainConfig:
     if cfg.memory_preset == "custom":
         return cfg
-    cuda = device.type == "cuda"
-    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
-    resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device), total_memory=total)
-    on = f"{torch.cuda.get_device_name(device)}, {total / 2 ** 30:.1f} GiB" if cuda else device.type
+    resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device),
+                            total_memory=total_memory(device))
     chosen = resolved.memory_preset if resolved is not cfg else "none: the settings as given"
-    callbacks.log(f"Memory preset {cfg.memory_preset!r} on {on}: {chosen}; {describe_levers(resolved)}")
+    callbacks.log(f"Memory preset {cfg.memory_preset!r} on {describe(device)}: {chosen}; "
+                  f"{describe_levers(resolved)}")
     return resolved
 
 
@@ -262,11 +254,13 @@ class LatentCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, bundle, instance_images, class_images, resolution, device, dtype) -> "LatentCache":
-        _place(bundle.vae, device, dtype).eval()
-        instance = _encode(bundle.vae, instance_images, resolution, device, dtype)
-        prior = _encode(bundle.vae, class_images, resolution, device, dtype) if class_images else None
-        bundle.vae.to("cpu")
+    def build(cls, bundle, instance_images, class_images, resolution, phase: Phase, dtype) -> "LatentCache":
+        phase.borrow(bundle.vae, dtype=dtype)  # given back when the phase ends
+        training = bundle.vae.training
+        bundle.vae.eval()
+        instance = _encode(bundle.vae, instance_images, resolution, phase.device, dtype)
+        prior = _encode(bundle.vae, class_images, resolution, phase.device, dtype) if class_images else None
+        bundle.vae.train(training)
         return cls(instance, prior)
 
     def sample(self, items: list[int], randomness) -> torch.Tensor:
@@ -293,17 +287,18 @@ def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch
 class TextConditioning:
     """Encoder states for the instance and class prompts: cached when the text encoder is frozen."""
 
-    def __init__(self, bundle, cfg, device, frozen_dtype):
+    def __init__(self, bundle, cfg, phase: Phase, frozen_dtype):
         self.encoder = bundle.text_encoder
         self.trained = cfg.train_text_encoder
         ids = bundle.tokenizer([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
                                max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids
-        self.ids = ids.to(device)
+        self.ids = ids.to(phase.device)
         if not self.trained:
-            _place(self.encoder, device, frozen_dtype).eval()
+            phase.borrow(self.encoder, dtype=frozen_dtype)  # given back when the phase ends
+            training = self.encoder.training
             with torch.no_grad():
-                self.cached = self.encoder(self.ids)[0]
-            self.encoder.to("cpu")
+                self.cached = self.encoder.eval()(self.ids)[0]
+            self.encoder.train(training)
 
     def states(self, n: int, with_prior: bool) -> torch.Tensor:
         rows = [0] * n + ([1] * n if with_prior else [])
@@ -312,16 +307,15 @@ class TextConditioning:
         return self.cached[rows]
 
 
-def _class_images(cfg, bundle, callbacks, device, precision):
+def _class_images(cfg, bundle, callbacks, device):
     if cfg.class_dir:
         return load_image_folder(cfg.class_dir, max_images=100_000)[:cfg.num_class_images]
     cache_root = cfg.prior_cache_dir or str(Path(cfg.output).resolve().parent / ".dreambooth_priors")
     callbacks.log(f"Class images: {cfg.num_class_images} of {cfg.class_prompt!r} (cached in {cache_root})")
-    with _autocast(device, precision):
-        paths = ensure_class_priors(
-            bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
-            height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed,
-            device=device, on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root))
+    paths = make_class_priors(
+        bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
+        height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed, device=device,
+        log=callbacks.log, on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root))
     # Our own images, already at the training size: no photo checks (they refuse sizes below 64 px).
     return [SubjectImage(path.name, image) for path, image in zip(paths, load_prior_images(paths))]
 
@@ -332,10 +326,10 @@ def _prior_progress(callbacks, done: int, total: int, cache_root: str) -> None:
         raise TrainingCancelled(0, cache_root)  # the images made so far stay in the cache
 
 
-def _prepare_for_training(bundle, cfg, modules, device, callbacks) -> None:
+def _prepare_for_training(bundle, cfg, modules, phase: Phase, callbacks) -> None:
     _set_attention(bundle.unet, cfg.attention, callbacks)
     for module in modules.values():
-        _place(module, device, torch.bfloat16 if cfg.bf16_weights else torch.float32).train()
+        phase.place(module, torch.bfloat16 if cfg.bf16_weights else torch.float32).train()
         module.requires_grad_(True)
     bundle.vae.requires_grad_(False)
     if not cfg.train_text_encoder:
@@ -393,22 +387,19 @@ def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm
     optimizer.zero_grad(set_to_none=True)
 
 
-@contextlib.contextmanager
-def _out_of_memory_help(cfg):
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as error:
-        if cfg.memory_preset == "8 GB":
-            advice = "This is already the leanest memory preset: lower the resolution or batch size"
-        else:
-            advice = ("Choose memory_preset '8 GB' (about 4 GiB for SD 1.5's UNet at 512 px), or with 'custom' turn "
-                      "on gradient_checkpointing, fused_backward, optimizer 'adamw8bit' and, on RTX 30xx and newer, "
-                      "bf16_weights")
-        raise MemoryError(
-            f"GPU out of memory at resolution {cfg.resolution}, batch size {cfg.batch_size}. {advice}; keep "
-            "train_text_encoder off; close other programs that use the GPU. The last saved state is kept; run again "
-            "to resume."
-        ) from error
+def _training_advice(cfg, state_dir: Path) -> str:
+    if cfg.memory_preset == "8 GB":
+        advice = "This is already the leanest memory preset: lower the resolution or batch size"
+    else:
+        advice = ("Choose memory_preset '8 GB' (about 4 GiB for SD 1.5's UNet at 512 px), or with 'custom' turn "
+                  "on gradient_checkpointing, fused_backward, optimizer 'adamw8bit' and, on RTX 30xx and newer, "
+                  "bf16_weights")
+    meta = state_io.read_state_meta(state_dir)
+    kept = (f"The state saved at step {meta['step']} is kept in {state_dir}: run again to resume from it."
+            if meta else "No training state was saved yet (checkpoint_every saves one every N steps); the class "
+                         "images are kept, so a rerun starts training at once.")
+    return (f"{advice}; keep train_text_encoder off (now {'on' if cfg.train_text_encoder else 'off'}), resolution "
+            f"{cfg.resolution}, batch size {cfg.batch_size}; close other programs that use the GPU. {kept}")
 
 
 def _fingerprint(cfg, bundle, instance_images, class_images) -> str:
@@ -436,13 +427,24 @@ def _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, rando
     return fresh
 
 
-def _previews(bundle, cfg, device, precision) -> list:
+def _previews(bundle, cfg, callbacks, device, precision) -> list:
+    """Previews of cfg.sample_prompts with the model being trained; skipped, with a warning, when they do not fit
+    beside the training on the GPU (they are not worth the run)."""
     if not cfg.sample_prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.sample_prompts))]  # same seeds each time: previews compare
-    with _autocast(device, precision):  # the frozen VAE may be fp16 while the trained UNet is fp32
-        return sample_images(bundle, list(cfg.sample_prompts), seeds=seeds, width=cfg.resolution,
-                             height=cfg.resolution, steps=20, device=device)
+    frozen = [m for m in (bundle.vae, bundle.text_encoder) if not any(p.requires_grad for p in m.parameters())]
+    half = inference_dtype(device)
+    try:
+        with Phase(PREVIEWS, device, log=callbacks.log) as phase:
+            phase.borrow(*frozen, dtype=half)
+            return sample_images(bundle, list(cfg.sample_prompts), seeds=seeds, width=cfg.resolution,
+                                 height=cfg.resolution, steps=cfg.sample_steps, batch_size=1,
+                                 autocast=precision or (half if half != torch.float32 else None))
+    except OutOfMemory as error:
+        callbacks.log(f"Previews skipped: {error} Training goes on; set sample_every to 0 or lower the resolution "
+                      "to avoid this.")
+        return []
 
 
 def _save_output(cfg, bundle, steps: int) -> None:

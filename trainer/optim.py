@@ -1,10 +1,13 @@
 """Optimizers and learning-rate schedules."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.optimization import get_scheduler
 
 from .config import ConfigError, TrainConfig
+from .device import fused_adamw
 from .fused import FusedBackward, PerTensorOptimizer, rounding_seed
 
 
@@ -21,19 +24,18 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
     name = resolve_optimizer(cfg.optimizer, device)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    per_tensor = cfg.fused_backward or cfg.bf16_weights
     if name == "adamw":
         make = torch.optim.AdamW
+        if fused_adamw(device):
+            kwargs["fused"] = True
+        elif per_tensor:
+            kwargs["foreach"] = False  # foreach batches kernels over many tensors; one tensor has nothing to batch
     else:
-        bnb = _bitsandbytes()
-        if bnb is None:
-            raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes, which is not installed or failed to load; "
-                              "run `pip install bitsandbytes` or choose optimizer 'adamw' (uses more memory)")
-        make = bnb.optim.AdamW8bit
-    if cfg.fused_backward or cfg.bf16_weights:
-        # foreach batches kernels over many tensors; a one-tensor optimizer has nothing to batch
-        per_tensor = dict(foreach=False) if make is torch.optim.AdamW else {}
+        make = adamw8bit_without_syncs()
+    if per_tensor:
         kind = FusedBackward if cfg.fused_backward else PerTensorOptimizer
-        return kind(params, lambda tensors: make(tensors, **kwargs, **per_tensor), cfg.max_grad_norm,
+        return kind(params, lambda tensors: make(tensors, **kwargs), cfg.max_grad_norm,
                     rounding_seed=rounding_seed(cfg.seed) if cfg.bf16_weights else None)
     return make(params, **kwargs)
 
@@ -41,6 +43,48 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
 def make_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                          num_training_steps=cfg.max_train_steps)
+
+
+def adamw8bit_without_syncs() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' 8-bit AdamW, stepped without its wait for the GPU after every tensor.
+
+    bitsandbytes' step() calls torch.cuda.synchronize() after each tensor's update (bitsandbytes.utils.sync_gpu), which
+    paged optimizers need and ours do not: the updates are ordinary kernels on the current stream, ordered like any
+    other. Those waits cost little at the end of a step, but inside the backward pass (fused_backward steps each
+    tensor there) each one stalls the queue of backward kernels, for every one of SD 1.5's 686 tensors. The loop
+    below is bitsandbytes' own, less the waits; the updates are the same kernels with the same arguments.
+    """
+    bnb = _bitsandbytes()
+    if bnb is None:
+        raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes, which is not installed or failed to load; "
+                          "run `pip install bitsandbytes` or choose optimizer 'adamw' (uses more memory)")
+    return _no_sync_class(bnb.optim.AdamW8bit)
+
+
+@functools.cache
+def _no_sync_class(base: type) -> type:
+    class AdamW8bit(base):
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    AdamW8bit.__qualname__ = AdamW8bit.__name__ = "AdamW8bitWithoutSyncs"
+    return AdamW8bit
 
 
 def _bitsandbytes():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,9 @@ import torch
 from PIL import Image
 
 from .atomic import replacing
+from .device import inference_dtype
 from .models import ModelBundle
+from .phases import CLASS_IMAGES, OutOfMemory, Phase
 from .sampling import sample_images, validate_settings
 
 CACHE_FORMAT = 1  # bump when a change to sampling alters the pixels of existing caches
@@ -151,18 +154,54 @@ def ensure_class_priors(
     if not missing:
         return paths
 
-    def save(index: int, image: Image.Image) -> None:
-        i = missing[index]
+    def write(i: int, image: Image.Image) -> None:
         _write_atomic(paths[i], lambda f: image.save(f, format="PNG"))
         valid[i] = True
         _write_manifest(folder, key, settings, _count_on_disk(valid, known))
-        if on_progress is not None:
-            on_progress(sum(valid), count)
 
-    sample_images(bundle, [settings["prompt"]] * len(missing), seeds=[seed + i for i in missing],
-                  negative_prompt=settings["negative_prompt"], steps=steps, guidance=guidance, width=width,
-                  height=height, sampler=sampler, batch_size=batch_size, device=device, on_image=save)
+    # PNGs are compressed and written by a thread of their own (one, so files and manifest go in order) while the GPU
+    # draws the next batch. Progress counts the images drawn; a failed write (full disk) stops generation at the
+    # next image, and every image drawn before a stop or an error is still written.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-images") as writer:
+        writes: list[Future] = []
+
+        def save(index: int, image: Image.Image) -> None:
+            writes.append(writer.submit(write, missing[index], image))
+            for done in [future for future in writes if future.done()]:
+                done.result()
+            if on_progress is not None:
+                on_progress(count - len(missing) + index + 1, count)
+
+        sample_images(bundle, [settings["prompt"]] * len(missing), seeds=[seed + i for i in missing],
+                      negative_prompt=settings["negative_prompt"], steps=steps, guidance=guidance, width=width,
+                      height=height, sampler=sampler, batch_size=batch_size, device=device, on_image=save)
+        for future in writes:
+            future.result()
     return paths
+
+
+def make_class_priors(bundle: ModelBundle, class_prompt: str, *, count: int, cache_root: str | Path,
+                      device: torch.device, batch_size: int = 4, log: Callable[[str], None] | None = None,
+                      **settings) -> list[Path]:
+    """ensure_class_priors as a phase of a run: the frozen model on `device` in half precision where the GPU has it,
+    given back afterwards. When a batch does not fit, the images made so far stay cached and the rest is made with
+    half the batch, down to one image at a time; then the phase's out-of-memory error says what to change."""
+    device = torch.device(device)
+    while True:
+        advice = (f"Lower the resolution (now {settings.get('width', 512)} px), or give ready-made class images "
+                  f"(class_dir, or the class_images input). The class images made so far are kept in {cache_root}; "
+                  "run again to continue.")
+        try:
+            with Phase(CLASS_IMAGES, device, log=log, advice=advice) as phase:
+                phase.borrow(bundle.unet, bundle.text_encoder, bundle.vae, dtype=inference_dtype(device))
+                return ensure_class_priors(bundle, class_prompt, count=count, cache_root=cache_root,
+                                           batch_size=batch_size, device=device, **settings)
+        except OutOfMemory:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if log is not None:
+                log(f"Class images: out of GPU memory, going on {batch_size} at a time")
 
 
 def load_prior_images(paths: list[Path]) -> list[Image.Image]:

@@ -6,7 +6,7 @@ seed and settings, not on the batch it was generated in nor on the device (CPU n
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -21,6 +21,7 @@ from diffusers import (
 )
 
 from .models import ModelBundle
+from .phases import borrowed
 
 # Sampler name -> scheduler class and the settings that make it the sampler users know by that name.
 SAMPLERS = {
@@ -74,20 +75,25 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 
 @contextmanager
-def _sampling_state(bundle: ModelBundle, device: torch.device) -> Iterator[None]:
-    """Eval mode on `device` for the duration, then each (sub)module's train flag and device as they were."""
+def _on_device_for_sampling(bundle: ModelBundle, device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Eval mode on `device` (as `dtype` when given) for the duration, then each (sub)module's own tensors and train
+    flag again, untouched. Modules already there in that dtype are used without a copy; the VAE decodes one image at
+    a time (a batch's decode is the peak of sampling)."""
     modules = (bundle.unet, bundle.vae, bundle.text_encoder)
     flags = [(m, m.training) for module in modules for m in module.modules()]
-    devices = [(module, _module_device(module)) for module in modules]
-    try:
+    slicing = bundle.vae.use_slicing
+    with ExitStack() as stack:
         for module in modules:
-            module.eval().to(device)
-        yield
-    finally:
-        for module, original in devices:
-            module.to(original)
-        for m, training in flags:
-            m.training = training
+            stack.enter_context(borrowed(module, device, dtype))
+        try:
+            for module in modules:
+                module.eval()
+            bundle.vae.use_slicing = True
+            yield
+        finally:
+            bundle.vae.use_slicing = slicing
+            for m, training in flags:
+                m.training = training
 
 
 def _pipeline(bundle: ModelBundle, sampler: str) -> StableDiffusionPipeline:
@@ -118,13 +124,16 @@ def sample_images(
     sampler: str = "euler_a",
     batch_size: int = 4,
     device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    autocast: torch.dtype | None = None,
     on_image: Callable[[int, Image.Image], None] | None = None,
 ) -> list[Image.Image]:
     """One RGB image per (prompt, seed) pair, generated batch_size at a time.
 
-    Runs on `device` (default: where the UNet is), moving the VAE and text encoder there too; afterwards every
-    module is back on its own device and in its own train/eval mode. on_image(index, image) is called as each
-    image is ready, so callers can report progress or save it before the next batch.
+    Runs on `device` (default: where the UNet is) with the weights as `dtype` (default: as they are), borrowed for
+    the call: afterwards every module has its own tensors and train/eval mode again. `autocast`: compute in that
+    dtype (for modules of mixed dtypes, e.g. a trained fp32 UNet beside a half-precision VAE). on_image(index,
+    image) is called as each image is ready, so callers can report progress or save it before the next batch.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"Need one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds.")
@@ -135,7 +144,8 @@ def sample_images(
 
     pipe = _pipeline(bundle, sampler)
     images: list[Image.Image] = []
-    with _sampling_state(bundle, device), torch.no_grad():
+    compute = torch.autocast(device.type, dtype=autocast) if autocast else nullcontext()
+    with _on_device_for_sampling(bundle, device, dtype), torch.no_grad(), compute:
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start:start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:start + batch_size]]

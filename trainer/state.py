@@ -38,9 +38,7 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {f"{name}.{k}": v.detach().cpu().contiguous()
-               for name, module in modules.items() for k, v in module.state_dict().items()}
-    save_file(weights, tmp / WEIGHTS)
+    save_file(_weights(modules), tmp / WEIGHTS)
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
     save_file(opt_tensors, tmp / OPTIMIZER)
@@ -59,6 +57,25 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
     _swap_in(tmp, directory)
 
 
+def save_finished_state(directory: Path, *, fingerprint: str, position: Position,
+                        modules: dict[str, torch.nn.Module], losses: list[float]) -> None:
+    """A run whose steps are all done but whose output could not be written: its weights only (no more steps will
+    need the optimizer), so that running it again only saves."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_weights(modules), tmp / WEIGHTS)
+    meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
+            "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    _swap_in(tmp, directory)
+
+
+def _weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().cpu().contiguous()
+            for name, module in modules.items() for k, v in module.state_dict().items()}
+
+
 def read_state_meta(directory: Path) -> dict | None:
     try:
         meta = json.loads((directory / "state.json").read_text())
@@ -72,6 +89,8 @@ def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler,
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    if meta.get("finished"):  # all steps done: nothing else is needed to save the output
+        return Position(meta["step"], meta["epoch_order"], meta["epoch_pos"])
     opt_tensors = load_file(directory / OPTIMIZER)
     randomness.load_state_dict({"generator": opt_tensors.pop("randomness.generator")})
     optimizer.load_state_dict(_join_tensors(opt_tensors, meta["optimizer"]))
