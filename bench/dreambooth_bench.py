@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -32,16 +33,18 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.models import ModelBundle, ModelConfigs, build_bundle, shipped_configs  # noqa: E402
+from trainer.models import ModelBundle, ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs  # noqa: E402,E501
 from trainer.presets import PRESETS, short_name  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
-DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "/tmp/ref/train_dreambooth.py")
-DEFAULT_REFERENCE_PYTHON = "/work/refenv/bin/python"
+CAPPED = Path(__file__).resolve().parent / "capped.py"
+DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "")
+DEFAULT_REFERENCE_PYTHON = os.environ.get("DREAMBOOTH_REFERENCE_PYTHON", "python3")
 
 MODEL_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1"}
 PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD2.1 is the 768-v model
 NUM_IMAGES = 3  # instance photos and class images each; every step uses one of each
+CLASS_IMAGE_BATCH = 4  # trainer.priors' default; the first batch is the class-image timing's warm-up
 LEARNING_RATE = 2e-6
 GIB = 2 ** 30
 
@@ -76,8 +79,9 @@ FIXED_BOOLEANS = {"with_prior_preservation": True, "resume": False}
 # The reference's flag for a TrainConfig boolean added later; one without an entry is benchmarked for us only.
 REFERENCE_FLAGS = {}
 
-DEFAULT_MATRIX = ("fp32", "fp16", "bf16", "bf16+8bit", "bf16+gc", "bf16+8bit+gc", "bf16+te", "bf16+8bit+gc+te",
-                  "8GB", "8GB+te", "12GB", "12GB+te", "24GB")
+# What the issue's targets compare, on one GPU in a few minutes: the presets, and the two reference settings they are
+# held against (bf16+8bit+gc for the small presets and ours vs the reference; bf16 for the 24 GB preset).
+DEFAULT_MATRIX = ("bf16+8bit+gc", "8GB", "8GB+te", "12GB", "24GB", "bf16")
 DEFAULT_CPU_MATRIX = ("fp32", "bf16", "fp32+gc", "fp32+te")  # no 8-bit AdamW or fp16 autocast on a CPU
 
 
@@ -121,8 +125,8 @@ def parse_setting(name: str, atoms: dict[str, Atom] | None = None) -> Setting:
 
 
 def default_matrix(cuda: bool) -> list[str]:
-    base = "bf16" if cuda else "fp32"
-    return [*(DEFAULT_MATRIX if cuda else DEFAULT_CPU_MATRIX), *(f"{base}+{name}" for name in boolean_atoms())]
+    """The settings run when none are named; every other part (the TrainConfig booleans too) can be named."""
+    return list(DEFAULT_MATRIX if cuda else DEFAULT_CPU_MATRIX)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,10 +143,28 @@ def model_configs(family: str, small: bool) -> ModelConfigs:
 
 
 def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
-    torch.manual_seed(seed)
+    """A model of the family's shapes with random weights, made in seconds at full size (the values change neither
+    memory nor speed): built on the meta device, then each weight drawn from N(0, 1/fan-in), as an initialiser would,
+    so activations and the loss stay finite; norms 1, biases 0."""
     configs = model_configs(family, small)
-    return build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
-                        source_name=f"random-{family}")
+    with torch.device("meta"):
+        bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
+                              source_name=f"random-{family}",
+                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}")
+    bundle.noise_scheduler = make_noise_scheduler(PREDICTION_TYPES[family])  # its tables, not on meta
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+            module.to_empty(device="cpu")
+            for name, tensor in module.named_parameters():
+                if tensor.dim() == 1:
+                    tensor.fill_(1.0 if name.endswith("weight") else 0.0)  # norms' scales, and every bias
+                else:
+                    tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=generator)
+            for name, buffer in module.named_buffers():  # CLIP's position ids are its only buffer
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand(buffer.shape))
+            module.eval()
+    return bundle
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,6 +239,11 @@ class Measurement:
         times = self.step_times(warmup)
         return 1.0 / statistics.median(times) if times else None
 
+    def rate(self, warmup: int) -> float | None:
+        """Items per second over everything after the first `warmup` items (for images, which finish in batches)."""
+        ends = self.step_end_s[max(warmup, 1) - 1:]
+        return (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 and ends[-1] > ends[0] else None
+
     @classmethod
     def read(cls, path: Path) -> "Measurement":
         data = json.loads(path.read_text())
@@ -239,6 +266,8 @@ class Plan:
     timeout: float
     peak_tflops: float | None
     peak_source: str
+    class_images: int = 0  # > 0: also time class-image generation, ours vs StableDiffusionPipeline
+    caps: tuple[float, ...] = ()  # GiB: also run the command line's whole run under each memory cap
 
 
 @dataclass
@@ -257,6 +286,14 @@ class Row:
     reference_note: str = ""
 
 
+@dataclass
+class Models:
+    """One family's random model, made once: a single file for us (loaded by the real loader in every run) and a
+    diffusers folder for the reference."""
+    single_file: Path
+    diffusers_folder: Path | None
+
+
 def make_images(folder: Path, resolution: int) -> Images:
     """NUM_IMAGES noise photos and class images (the trainer refuses photos under 64 px)."""
     rng, side = np.random.default_rng(0), max(resolution, 64)
@@ -266,6 +303,20 @@ def make_images(folder: Path, resolution: int) -> Images:
         for i in range(NUM_IMAGES):
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(sub / f"{i:02d}.png")
     return images
+
+
+def make_models(plan: Plan, family: str) -> Models:
+    from trainer.checkpoint import save_checkpoint
+    folder = plan.work_dir / family
+    folder.mkdir(parents=True, exist_ok=True)
+    progress(f"[{family}] a random {MODEL_NAMES[family]}: made once, saved for every run")
+    bundle = random_bundle(family, plan.small)
+    single_file = folder / f"random-{family}.safetensors"
+    save_checkpoint(bundle, single_file, {}, dtype=torch.float16)
+    diffusers_folder = None
+    if plan.reference_script or plan.class_images:
+        diffusers_folder = save_pipeline_folder(bundle, folder / "diffusers")
+    return Models(single_file, diffusers_folder)
 
 
 def child_env(threads: int | None) -> dict[str, str]:
@@ -300,15 +351,16 @@ def last_error_line(log: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_ours(plan: Plan, family: str, setting: Setting, images: Images, run_dir: Path) -> Measurement:
-    config = dict(base_model=f"random-{family}", instance_dir=str(images.instance), class_dir=str(images.classes),
-                  identifier="zwx", class_noun="dog", output=str(run_dir / "out" / "zwx-dog.safetensors"),
-                  num_class_images=NUM_IMAGES, resolution=plan.resolution, batch_size=1,
-                  max_train_steps=plan.steps, learning_rate=LEARNING_RATE, seed=0, **FIXED_BOOLEANS)
+def run_ours(plan: Plan, setting: Setting, images: Images, models: Models, run_dir: Path) -> Measurement:
+    config = dict(base_model=str(models.single_file), instance_dir=str(images.instance),
+                  class_dir=str(images.classes), identifier="zwx", class_noun="dog",
+                  output=str(run_dir / "out" / "zwx-dog.safetensors"), num_class_images=NUM_IMAGES,
+                  resolution=plan.resolution, batch_size=1, max_train_steps=plan.steps, learning_rate=LEARNING_RATE,
+                  seed=0, **FIXED_BOOLEANS)
     config.update(setting.ours)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / "spec.json"
-    spec.write_text(json.dumps({"family": family, "small": plan.small, "seed": 0, "config": config}, indent=1))
+    spec.write_text(json.dumps({"config": config}, indent=1))
     return run_probe(sys.executable, "ours", [str(spec)], run_dir, plan)
 
 
@@ -320,46 +372,115 @@ def run_reference(plan: Plan, setting: Setting, images: Images, model_dir: Path,
     return run_probe(plan.reference_python, "reference", [plan.reference_script, "--", *args], run_dir, plan)
 
 
-def run_matrix(plan: Plan) -> list[Row]:
+def run_matrix(plan: Plan) -> tuple[list[Row], list[Row], list[dict]]:
+    """The training matrix, then (when asked) class-image generation and the capped whole runs, per family."""
     images = make_images(plan.work_dir / "images", plan.resolution)
-    rows = []
+    rows, class_rows, whole_runs = [], [], []
     for family in plan.families:
-        model_dir = None
-        if plan.reference_script:
-            progress(f"[{family}] saving a random {MODEL_NAMES[family]} for the reference script")
-            model_dir = save_pipeline_folder(random_bundle(family, plan.small), plan.work_dir / family / "model")
+        models = make_models(plan, family)
         for setting in plan.settings:
-            rows.append(run_setting(plan, family, setting, images, model_dir))
-        if model_dir:
-            shutil.rmtree(model_dir, ignore_errors=True)  # gigabytes at full size
-    return rows
+            rows.append(run_setting(plan, family, setting, images, models))
+        if plan.class_images:
+            class_rows.append(run_class_images(plan, family, models))
+        for cap in plan.caps:
+            whole_runs.append(run_whole(plan, family, cap, images, models))
+        shutil.rmtree(plan.work_dir / family, ignore_errors=True)  # gigabytes at full size
+    return rows, class_rows, whole_runs
 
 
-def run_setting(plan: Plan, family: str, setting: Setting, images: Images, model_dir: Path | None) -> Row:
-    run_dir = plan.work_dir / family / setting.name
+def run_setting(plan: Plan, family: str, setting: Setting, images: Images, models: Models) -> Row:
+    run_dir = plan.work_dir / "runs" / family / setting.name
     flops = training_step_flops(family, plan.small, plan.resolution, setting.ours.get("train_text_encoder", False))
     progress(f"[{family} {setting.name}] ours")
-    ours = run_ours(plan, family, setting, images, run_dir / "ours")
+    ours = run_ours(plan, setting, images, models, run_dir / "ours")
     report_progress(ours, plan)
     reference, note = None, ""
-    if model_dir is None:
+    if not plan.reference_script:
         note = "not run (--no-reference)"
     elif setting.reference is None:
         note = "the reference script has no flag for this setting"
     else:
         progress(f"[{family} {setting.name}] reference")
-        reference = run_reference(plan, setting, images, model_dir, run_dir / "reference")
+        reference = run_reference(plan, setting, images, models.diffusers_folder, run_dir / "reference")
         report_progress(reference, plan)
     return Row(family, setting, flops, ours, reference, note)
+
+
+def run_class_images(plan: Plan, family: str, models: Models) -> Row:
+    """Images per second of class-image generation (30 steps, euler_a, guidance 7.5, batch 4, half precision where
+    the GPU has it): ours (trainer.priors, writing PNGs) against diffusers' StableDiffusionPipeline on the same
+    model and settings (images kept in memory). The first batch of each is warm-up."""
+    run_dir = plan.work_dir / "runs" / family / "class-images"
+    spec = {"count": plan.class_images, "size": plan.resolution, "steps": 30, "batch_size": CLASS_IMAGE_BATCH}
+    sides = {}
+    for side, model in (("ours", models.single_file), ("reference", models.diffusers_folder)):
+        progress(f"[{family} class images] {side}")
+        (run_dir / side).mkdir(parents=True, exist_ok=True)
+        spec_path = run_dir / side / "spec.json"
+        spec_path.write_text(json.dumps({**spec, "model": str(model)}))
+        sides[side] = run_probe(sys.executable, f"{side}-class-images", [str(spec_path)], run_dir / side, plan)
+        report_progress(sides[side], plan, unit="images/s")
+    setting = Setting(f"class images ({plan.class_images}, batch {CLASS_IMAGE_BATCH})", {}, ())
+    return Row(family, setting, 0, sides["ours"], sides["reference"])
+
+
+WHOLE_RUN_PHASE = re.compile(r"Phase ([\w ]+): ([\d.]+) s(?:, peak ([\d.]+) GiB allocated / ([\d.]+) GiB reserved)?")
+
+
+def run_whole(plan: Plan, family: str, cap: float, images: Images, models: Models) -> dict:
+    """The command line as a user runs it (pick-token, train with class images generated, the text encoder trained
+    and a preview, sample), each command in a process whose GPU memory is capped at `cap` GiB, with the memory
+    preset for a card of that size; each phase's peak as the engine logs it."""
+    preset = "8GB" if cap < 11 else "12GB" if cap < 20 else "24GB"
+    run_dir = plan.work_dir / "runs" / family / f"whole-{cap:g}GiB"
+    out = run_dir / "out" / "zwx-dog.safetensors"
+    model = str(models.single_file)
+    commands = {
+        "pick-token": ["pick-token", "--model", model, "--class-noun", "dog", "--count", "3"],
+        "train": ["train", "--model", model, "--images", str(images.instance), "--identifier", "zwx",
+                  "--class-noun", "dog", "--output", str(out), "--memory-preset", preset, "--train-text-encoder",
+                  "--num-class-images", "8", "--prior-cache-dir", str(run_dir / "priors"), "--max-train-steps",
+                  str(plan.steps), "--resolution", str(plan.resolution), "--sample-prompts", "a zwx dog on the beach"],
+        "sample": ["sample", "--model", str(out), "--prompt", "a zwx dog on the beach", "--count", "2", "--size",
+                   str(plan.resolution), "--out", str(run_dir / "samples")],
+    }
+    result = {"family": family, "cap_gib": cap, "preset": preset, "phases": [], "errors": []}
+    for name, args in commands.items():
+        progress(f"[{family} whole run, capped at {cap:g} GiB] {name}")
+        command = [sys.executable, str(CAPPED), str(cap), "--", *args]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = subprocess.run(command, cwd=REPO_ROOT, env=child_env(plan.threads), capture_output=True,
+                                  text=True, timeout=plan.timeout)
+            output, code = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired:
+            output, code = "", f"timed out after {plan.timeout:.0f} s"
+        (run_dir / f"{name}.log").write_text(output)
+        for match in WHOLE_RUN_PHASE.finditer(output):
+            phase, seconds, allocated, reserved = match.groups()
+            result["phases"].append({"command": name, "phase": phase, "seconds": float(seconds),
+                                     "allocated_gib": float(allocated) if allocated else None,
+                                     "reserved_gib": float(reserved) if reserved else None})
+            progress(f"    {match.group(0)}")
+        if code != 0:
+            result["errors"].append(f"{name}: {last_error_line(output)} (exit {code}; {run_dir / f'{name}.log'})")
+            progress(f"    failed: {result['errors'][-1]}")
+    return result
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def report_progress(m: Measurement, plan: Plan) -> None:
-    speed = m.steps_per_second(plan.warmup)
-    progress(f"    failed: {m.error}" if m.error else f"    {speed:.3g} steps/s" if speed else "    no timed steps")
+def report_progress(m: Measurement, plan: Plan, unit: str = "steps/s") -> None:
+    """One line as soon as a run ends: a run cut short later still leaves its figures on the screen."""
+    if m.error:
+        progress(f"    failed: {m.error}")
+        return
+    speed = m.rate(CLASS_IMAGE_BATCH) if unit == "images/s" else m.steps_per_second(plan.warmup)
+    memory = ("" if m.peak_allocated is None else
+              f", peak {m.peak_allocated / GIB:.2f} GiB allocated / {m.peak_reserved / GIB:.2f} GiB reserved")
+    progress(f"    {speed:.3g} {unit}{memory}" if speed else f"    nothing timed{memory}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,7 +560,36 @@ def markdown_table(rows: list[Row], plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], plan: Plan) -> str:
+def class_images_table(rows: list[Row]) -> str:
+    lines = ["| model | images/s ours | images/s StableDiffusionPipeline | ours/ref | alloc GiB ours | alloc GiB ref | "
+             "reserved GiB ours | reserved GiB ref |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ours, ref = (None if m.error else m.rate(CLASS_IMAGE_BATCH) for m in (row.ours, row.reference))
+        cells = [MODEL_NAMES[row.family], _fmt(ours), _fmt(ref), _fmt(ours / ref if ours and ref else None),
+                 *(_fmt(memory_of(m, attribute)) for attribute in ("peak_allocated", "peak_reserved")
+                   for m in (row.ours, row.reference))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def whole_run_table(runs: list[dict]) -> str:
+    budget = {8: 7.0, 12: 10.5}  # GiB reserved an 8 / 12 GB card leaves for one process (issue 10)
+    lines = ["| model | cap GiB | preset | command | phase | s | alloc GiB | reserved GiB | within budget |",
+             "|---|---:|---|---|---|---:|---:|---:|---|"]
+    for run in runs:
+        limit = next((v for k, v in budget.items() if abs(run["cap_gib"] - k) < 1), run["cap_gib"])
+        for phase in run["phases"]:
+            reserved = phase["reserved_gib"]
+            ok = "n/a" if reserved is None else ("yes" if reserved <= limit else f"NO (> {limit})")
+            lines.append(f"| {MODEL_NAMES[run['family']]} | {run['cap_gib']:g} | {run['preset']} | "
+                         f"{phase['command']} | {phase['phase']} | {phase['seconds']:.1f} | "
+                         f"{_fmt(phase['allocated_gib'])} | {_fmt(reserved)} | {ok} |")
+        lines += [f"| {MODEL_NAMES[run['family']]} | {run['cap_gib']:g} | {run['preset']} | failed: {error} |"
+                  for error in run["errors"]]
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], plan: Plan, class_rows: list[Row] = (), whole_runs: list[dict] = ()) -> str:
     cuda = torch.cuda.is_available()
     measured = [m for row in rows for m in (row.ours, row.reference) if m and not m.error]
     devices = sorted({m.device for m in measured}) or ["cpu"]
@@ -472,11 +622,24 @@ def report(rows: list[Row], plan: Plan) -> str:
     lines += [f"- {MODEL_NAMES[r.family]} {r.setting.name} reference: {r.reference_note}"
               for r in rows if r.reference_note and plan.reference_script]
     lines += [f"- {MODEL_NAMES[r.family]} {r.setting.name} {side} failed: {m.error}"
-              for r in rows for side, m in (("ours", r.ours), ("reference", r.reference)) if m and m.error]
+              for r in [*rows, *class_rows] for side, m in (("ours", r.ours), ("reference", r.reference))
+              if m and m.error]
+    if class_rows:
+        lines += ["", "## Class images: ours vs diffusers' StableDiffusionPipeline", "",
+                  f"{plan.class_images} images of 'a dog', {plan.resolution} px, 30 steps euler_a, guidance 7.5, "
+                  f"batch {CLASS_IMAGE_BATCH}, half precision on a GPU (fp32 on a CPU); images/s after the first "
+                  "batch. Ours writes each PNG to the cache; the pipeline keeps its images in memory.", "",
+                  class_images_table(class_rows)]
+    if whole_runs:
+        lines += ["", "## The command line's whole run under memory caps", "",
+                  "Each command in a process capped with torch.cuda.set_per_process_memory_fraction, the memory "
+                  "preset of a card that size; pick-token, then train (8 class images generated, text encoder "
+                  f"trained, {plan.steps} steps, a preview), then sample. Per phase, the peak the engine logs.", "",
+                  whole_run_table(whole_runs)]
     return "\n".join(lines) + "\n"
 
 
-def results_json(rows: list[Row], plan: Plan) -> str:
+def results_json(rows: list[Row], plan: Plan, class_rows: list[Row] = (), whole_runs: list[dict] = ()) -> str:
     def side(row: Row, m: Measurement | None):
         if m is None:
             return None
@@ -490,13 +653,18 @@ def results_json(rows: list[Row], plan: Plan) -> str:
                          "reference_flags": row.setting.reference, "flops_per_step": row.flops,
                          "ours": side(row, row.ours), "reference": side(row, row.reference),
                          "reference_note": row.reference_note})
-    return json.dumps({"plan": meta, "rows": out_rows}, indent=1)
+    class_out = [{"family": r.family, "ours": dataclasses.asdict(r.ours), "reference": dataclasses.asdict(r.reference),
+                  "images_per_second": {side: None if m.error else m.rate(CLASS_IMAGE_BATCH)
+                                        for side, m in (("ours", r.ours), ("reference", r.reference))}}
+                 for r in class_rows]
+    return json.dumps({"plan": meta, "rows": out_rows, "class_images": class_out, "whole_runs": list(whole_runs)},
+                      indent=1)
 
 
-def write_outputs(paths: list[str], rows: list[Row], plan: Plan, markdown: str) -> None:
+def write_outputs(paths: list[str], markdown: str, json_text: str) -> None:
     for path in map(Path, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(results_json(rows, plan) if path.suffix == ".json" else markdown)
+        path.write_text(json_text if path.suffix == ".json" else markdown)
         progress(f"wrote {path}")
 
 
@@ -508,19 +676,28 @@ def write_outputs(paths: list[str], rows: list[Row], plan: Plan, markdown: str) 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Peak GPU memory, steps/s and MFU of our DreamBooth loop vs diffusers' train_dreambooth.py, "
-                    "for a matrix of settings, as a markdown table.",
+                    "for a matrix of settings, as a markdown table; optionally class-image generation against "
+                    "StableDiffusionPipeline, and the command line's whole run under memory caps.",
         epilog=f"Setting parts (join with '+'): {', '.join(all_atoms())}. Default matrix on a GPU: "
                f"{' '.join(default_matrix(True))}; on a CPU: {' '.join(default_matrix(False))}.")
-    parser.add_argument("--family", choices=("sd1", "sd2", "both"), default="both")
+    parser.add_argument("--family", choices=("sd1", "sd2", "both"), default="sd1")
     parser.add_argument("--small", action="store_true", help="tiny models (tests/tiny.py) for a CPU")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
     parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")
-    parser.add_argument("--settings", nargs="+", metavar="NAME", help="settings to run, e.g. fp32 bf16+8bit+gc")
+    parser.add_argument("--settings", nargs="*", metavar="NAME",
+                        help="settings to run, e.g. fp32 bf16+8bit+gc (none at all: skip the training matrix)")
+    parser.add_argument("--class-images", type=int, default=0, metavar="N",
+                        help="also time generating N class images, ours vs StableDiffusionPipeline (e.g. 16)")
+    parser.add_argument("--whole-run", nargs="*", type=float, metavar="GIB",
+                        help="also run the command line's whole run (pick-token, train, sample) with each process's "
+                             "GPU memory capped at these GiB (default 7.6 11.6: 8 and 12 GB cards)")
     parser.add_argument("--reference-script", default=DEFAULT_REFERENCE_SCRIPT,
-                        help="copy of diffusers' examples/dreambooth/train_dreambooth.py (never commit it)")
+                        help="copy of diffusers' examples/dreambooth/train_dreambooth.py (never commit it; "
+                             "default $DREAMBOOTH_REFERENCE_SCRIPT)")
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON,
-                        help="Python that runs the reference (needs torchvision, accelerate, diffusers)")
+                        help="Python that runs the reference (needs torchvision, accelerate, diffusers): a path or "
+                             "a command name (default $DREAMBOOTH_REFERENCE_PYTHON, else python3)")
     parser.add_argument("--reference-extra-args", default="",
                         help="more flags for the reference script, written with '=': "
                              "--reference-extra-args='--set_grads_to_none'")
@@ -534,13 +711,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         parser.error(f"need 1 <= --warmup < --steps (got --warmup {args.warmup}, --steps {args.steps})")
+    if args.whole_run == []:
+        args.whole_run = [7.6, 11.6]
     if not args.no_reference:
-        for flag, path in (("--reference-script", args.reference_script),
-                           ("--reference-python", args.reference_python)):
-            if not Path(path).is_file():
-                parser.error(f"{flag} {path} does not exist; give it, or run with --no-reference")
+        if not args.reference_script or not Path(args.reference_script).is_file():
+            parser.error(f"--reference-script {args.reference_script!r} is not a file; give diffusers' "
+                         "train_dreambooth.py, or run with --no-reference")
+        found = shutil.which(args.reference_python)
+        if found is None:
+            parser.error(f"--reference-python {args.reference_python!r} is neither a file nor a command on PATH; "
+                         "give the Python that has torchvision, or run with --no-reference")
+        args.reference_python = found
+    names = default_matrix(torch.cuda.is_available()) if args.settings is None else args.settings
     try:
-        args.setting_list = [parse_setting(name) for name in args.settings or default_matrix(torch.cuda.is_available())]
+        args.setting_list = [parse_setting(name) for name in names]
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -554,7 +738,8 @@ def make_plan(args: argparse.Namespace, work_dir: Path) -> Plan:
         resolution=args.resolution or (64 if args.small else 512), work_dir=work_dir,
         reference_script=None if args.no_reference else str(Path(args.reference_script).resolve()),
         reference_python=args.reference_python, reference_extra_args=shlex.split(args.reference_extra_args),
-        threads=args.threads, timeout=args.timeout, peak_tflops=tflops, peak_source=source)
+        threads=args.threads, timeout=args.timeout, peak_tflops=tflops, peak_source=source,
+        class_images=args.class_images, caps=tuple(args.whole_run or ()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,11 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="dreambooth_bench_")).resolve()
     plan = make_plan(args, work_dir)
-    rows = run_matrix(plan)
-    markdown = report(rows, plan)
+    rows, class_rows, whole_runs = run_matrix(plan)
+    markdown = report(rows, plan, class_rows, whole_runs)
     print(markdown)
-    write_outputs(args.out, rows, plan, markdown)
-    failed = any(m and m.error for row in rows for m in (row.ours, row.reference))
+    write_outputs(args.out, markdown, results_json(rows, plan, class_rows, whole_runs))
+    failed = (any(m and m.error for row in [*rows, *class_rows] for m in (row.ours, row.reference))
+              or any(run["errors"] for run in whole_runs))
     if failed:
         progress(f"some runs failed; their logs are in {work_dir}")
     elif not args.work_dir:

@@ -42,6 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from trainer.phases import Watcher  # noqa: E402
+
 GIB = 2 ** 30
 # Categories of live storage, in table order. "weight casts": copies of the weights made by a dtype conversion
 # (autocast's bf16 copies for each conv/linear); "optimizer temps": what optimizer.step() allocates and frees.
@@ -53,6 +55,22 @@ class _Entry:
 
     def __init__(self, nbytes: int, tag: str):
         self.nbytes, self.tag = nbytes, tag
+
+
+class Window:
+    """The peak of live bytes between open_window() and close_window(), and what was live at it (a phase of a run;
+    windows may nest, each keeps its own peak)."""
+
+    def __init__(self, live: int, entries: list[_Entry]):
+        self.start = self.peak = live
+        self.entries = entries
+        self.pending = False
+
+    def breakdown(self) -> dict[str, int]:
+        out = dict.fromkeys(CATEGORIES, 0)
+        for entry in self.entries:
+            out[entry.tag] = out.get(entry.tag, 0) + entry.nbytes
+        return out
 
 
 def _storage(tensor: torch.Tensor):
@@ -81,6 +99,8 @@ class StorageTracker(TorchDispatchMode):
         self.peak_at = ""  # the op whose result made the peak, and whether in forward or backward
         self._op = ""
         self._lock = threading.RLock()
+        self._windows: list[Window] = []
+        self._paused = 0  # > 0: new allocations are not counted (host-only work, e.g. writing a checkpoint)
 
     # --- what is counted ---------------------------------------------------------------------------------------
 
@@ -119,6 +139,28 @@ class StorageTracker(TorchDispatchMode):
             self._peak_entries = list(self._entries.values())
             self._peak_pending = False
 
+    def open_window(self) -> Window:
+        with self._lock:
+            window = Window(self.live, list(self._entries.values()))
+            self._windows.append(window)
+            return window
+
+    def close_window(self, window: Window) -> Window:
+        with self._lock:
+            if window.pending:
+                window.entries, window.pending = list(self._entries.values()), False
+            self._windows.remove(window)
+            return window
+
+    @contextlib.contextmanager
+    def paused(self):
+        """New allocations inside are not counted (frees still are)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes per category of what was live at the peak, by the categories the entries have now."""
         with self._lock:
@@ -153,6 +195,8 @@ class StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         self._op = func._opname
         inputs = {}
         for arg in tree_flatten((args, kwargs))[0]:
@@ -195,10 +239,16 @@ class StorageTracker(TorchDispatchMode):
             self.peak = self.live
             self._peak_pending = True
             self.peak_at = f"{_phase(self._tag)}: {self._op}"
+        for window in self._windows:
+            if self.live > window.peak:
+                window.peak, window.pending = self.live, True
 
     def _shrink(self, nbytes: int) -> None:
         if self._peak_pending:  # the first drop after a new peak: this is what the peak was made of
             self._snapshot()
+        for window in self._windows:
+            if window.pending:
+                window.entries, window.pending = list(self._entries.values()), False
         self.live -= nbytes
 
     def _resize(self, entry: _Entry, nbytes: int) -> None:
@@ -306,23 +356,77 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
                    for value in state.values() if isinstance(value, torch.Tensor)]
 
 
-def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None, num_images: int = 2,
-            cuda_like: bool = True, autocast_cache: bool = False) -> dict:
-    """Train `bundle` (in place) for `steps` steps with TrainConfig(**config) under a StorageTracker; per step: the
-    peak live bytes, the breakdown at the peak, the live bytes at its start and its wall time.
+class PhaseMeter(Watcher):
+    """Each phase of a run as a window of the tracker; what a phase puts on the device counts as there until it is
+    taken off (on the CPU nothing moves, so the tracker is told)."""
 
-    cuda_like: CPU autocast and AdamW choose as on CUDA (cuda_defaults). autocast_cache=True is an experiment:
-    the training step's autocast with its cache of weight casts, which the loop turns off (see trainer.loop._autocast)."""
+    def __init__(self, tracker: StorageTracker):
+        self.tracker = tracker
+        self.phases: list[dict] = []
+        self._uses: dict[int, int] = {}  # storage -> how many placements have not been released yet
+        self._open: dict[int, tuple[Window, contextlib.ExitStack, dict]] = {}
+
+    def entered(self, phase) -> None:
+        stack = contextlib.ExitStack()
+        if phase.host_only:
+            stack.enter_context(self.tracker.paused())
+        self.phases.append({"phase": phase.name})  # in the order they start; filled in when it ends
+        self._open[id(phase)] = (self.tracker.open_window(), stack, self.phases[-1])
+
+    def placed(self, phase, tensors) -> None:
+        for tensor in tensors:
+            key = tensor.untyped_storage()._cdata
+            self._uses[key] = self._uses.get(key, 0) + 1
+        self.tracker.count(tensors, "weights")
+        self.tracker.retag(tensors, "weights")
+
+    def released(self, phase, tensors) -> None:
+        gone = []
+        for tensor in tensors:
+            key = tensor.untyped_storage()._cdata
+            self._uses[key] = self._uses.get(key, 1) - 1
+            if self._uses[key] <= 0:
+                del self._uses[key]
+                gone.append(tensor)
+        self.tracker.forget(gone)
+
+    def exited(self, phase, report) -> None:
+        window, stack, record = self._open.pop(id(phase))
+        stack.close()
+        self.tracker.close_window(window)
+        gc.collect()
+        record.update(peak=window.peak, live_at_start=window.start, live_at_end=self.tracker.live,
+                      peak_breakdown=window.breakdown(), time_s=report.seconds)
+
+
+def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None, num_images: int = 2,
+            cuda_like: bool = True, autocast_cache: bool = False, gpu_memory: int | None = None,
+            whole_run: bool = False) -> dict:
+    """Train `bundle` (in place) for `steps` steps with TrainConfig(**config) under a StorageTracker; per step: the
+    peak live bytes, the breakdown at the peak, the live bytes at its start and its wall time; per phase of the run
+    (trainer/phases.py): its peak, what was live at its start and end, and the breakdown at its peak.
+
+    cuda_like: CPU autocast and AdamW choose as on CUDA (cuda_defaults). gpu_memory: every choice of the engine (presets,
+    precisions, optimizer kernels) is made as on a GPU with bf16 and this many bytes (trainer.device.emulating_gpu).
+    whole_run: the whole run as a user's, every phase: token probing, `num_images` class images generated (one sampling
+    step: the peak does not depend on their number), photo encoding, training, a preview (one step) and saving; without
+    it, ready class images and no previews (the training step alone). autocast_cache=True is an experiment: the
+    training step's autocast with its cache of weight casts, which the loop turns off (see trainer.loop._autocast)."""
     import trainer.loop as loop
     from PIL import Image
+    from trainer import phases
+    from trainer.api import probe_identifiers
     from trainer.callbacks import Callbacks
     from trainer.config import TrainConfig
     from trainer.dataset import SubjectImage
+    from trainer.device import emulating_gpu
 
     workdir = tempfile.mkdtemp(prefix="memory_model_")
+    run = {"prior_cache_dir": f"{workdir}/priors", "prior_steps": 1, "sample_prompts": ["a zwx dog on the beach"],
+           "sample_steps": 1} if whole_run else {}
     cfg = TrainConfig(**{"base_model": "random", "identifier": "zwx", "class_noun": "dog", "device": "cpu",
                          "output": f"{workdir}/out.safetensors", "resume": False, "with_prior_preservation": True,
-                         "num_class_images": num_images, "batch_size": 1, **config, "max_train_steps": steps,
+                         "num_class_images": num_images, "batch_size": 1, **run, **config, "max_train_steps": steps,
                          **({"resolution": resolution} if resolution else {})})
     generator = torch.Generator().manual_seed(0)
 
@@ -334,13 +438,10 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
     trained = [bundle.unet] + ([bundle.text_encoder] if cfg.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters()]
     tracker, found = StorageTracker(), {}
+    meter = PhaseMeter(tracker)
 
     def weights():
         return [t for m in trained for t in (*m.parameters(), *m.buffers())]
-
-    def off_device():  # the frozen VAE and text encoder: the loop casts them, caches with them, then moves them off
-        frozen = [m for m in (bundle.vae, bundle.text_encoder) if all(m is not t for t in trained)]
-        return [t for m in frozen for t in (*m.parameters(), *m.buffers())]
 
     def tag_grad(param):  # runs before fused_backward's own hook (registered earlier), while the grad exists
         tracker.retag([param.grad], "grads")
@@ -348,7 +449,8 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
     make_optimizer = loop.make_optimizer
 
     def tracked_make_optimizer(*args, **kwargs):  # find the optimizer; its step()'s allocations are "optimizer temps"
-        optimizer = found["optimizer"] = make_optimizer(*args, **kwargs)
+        optimizer = make_optimizer(*args, **kwargs)
+        found["optimizer"] = weakref.ref(optimizer)  # (a strong one would keep its state alive after training)
         for opt in optimizers_of(optimizer):
             opt.register_step_pre_hook(before_optimizer_step)
             opt.register_step_post_hook(after_optimizer_step)
@@ -366,8 +468,7 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
     records = []
 
     class Probe(Callbacks):
-        def should_stop(self):  # called before every step
-            tracker.forget(off_device())
+        def should_stop(self):  # called before every step (and between class images: those records stay unfinished)
             tracker.retag(weights(), "weights")
             gc.collect()
             tracker.reset_peak()
@@ -379,33 +480,40 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
             record = records[-1]
             record["time_s"] = time.perf_counter() - record.pop("t0")
             tracker.retag(weights(), "weights")
-            tracker.retag(optimizer_state_tensors(found["optimizer"]), "optimizer state")
+            tracker.retag(optimizer_state_tensors(found["optimizer"]()), "optimizer state")
             record.update(step=info.step, peak=tracker.peak, peak_at=tracker.peak_at,
                           peak_breakdown=tracker.peak_breakdown())
-            if info.step == steps:
+            if info.step == steps and not whole_run:
                 raise _StopAfterLastStep
 
-    instance_images, class_images = images("i"), images("c")
+    instance_images = images("i")
+    class_images = None if whole_run else images("c")
     handles = [p.register_post_accumulate_grad_hook(tag_grad) for p in params if p.requires_grad]
-    tracker.count(weights(), "weights")
     loop.make_optimizer = tracked_make_optimizer
     autocast = loop._autocast
     if autocast_cache:
         loop._autocast = lambda device, precision, cache_casts=True: autocast(device, precision)
+    emulation = emulating_gpu(gpu_memory) if gpu_memory else contextlib.nullcontext()
     try:
-        with cuda_defaults(cuda_like), tracker:
+        with cuda_defaults(cuda_like), emulation, phases.watching(meter), tracker:
+            if whole_run:
+                probe_identifiers(bundle, cfg.class_noun, candidates=4, shortlist=2, seed=0,
+                                  device=torch.device("cpu"))
             loop.train(cfg, bundle=bundle, callbacks=Probe(), instance_images=instance_images,
                        class_images=class_images)
+            gc.collect()
+            left_on_device = tracker.live
     except _StopAfterLastStep:
-        pass
+        left_on_device = None
     finally:
         loop.make_optimizer, loop._autocast = make_optimizer, autocast
         for handle in handles:
             handle.remove()
+    records = [record for record in records if "step" in record]
     return {"config": config, "resolution": cfg.resolution, "cuda_like": cuda_like,
-            "autocast_cache": autocast_cache, "trained_params": sum(p.numel() for p in params),
-            "steps": records, "peak": max(r["peak"] for r in records),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "autocast_cache": autocast_cache, "gpu_memory": gpu_memory, "trained_params": sum(p.numel() for p in params),
+            "steps": records, "peak": max(r["peak"] for r in records), "phases": meter.phases,
+            "left_on_device": left_on_device, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -419,12 +527,42 @@ def default_settings() -> list[str]:
     return ["bf16+8bit+gc", "bf16+8bit+gc+fused_backward", lean, lean + "+te"]
 
 
+# What the caching allocator reserves over what is allocated (max_memory_reserved / max_memory_allocated), taken
+# generously: on an H200 (torch 2.11) the ratio was 1.03-1.04 for every setting measured (issue 10's table); plus
+# cuBLAS/cuDNN workspaces, which are in neither the tracker's count nor the CUDA context.
+RESERVED_OVER_ALLOCATED = 1.10
+WORKSPACES = 0.1 * GIB
+
+
+def estimated_reserved(allocated: int) -> int:
+    """What torch.cuda.max_memory_reserved() would show for this allocated peak: what decides an out-of-memory."""
+    return int(allocated * RESERVED_OVER_ALLOCATED + WORKSPACES)
+
+
 def run_one(args: argparse.Namespace, setting: str, resolution: int) -> dict:
     from bench.dreambooth_bench import parse_setting, random_bundle
+    gpu_memory = int(args.gpu_memory * GIB) if args.gpu_memory else None
     result = measure(random_bundle(args.family, args.small), parse_setting(setting).ours, steps=args.steps,
-                     resolution=resolution, cuda_like=not args.cpu_defaults,
-                     autocast_cache=args.autocast_cache)
+                     resolution=resolution, cuda_like=not args.cpu_defaults, autocast_cache=args.autocast_cache,
+                     gpu_memory=gpu_memory, whole_run=args.whole_run, num_images=4 if args.whole_run else 2)
     return {**result, "family": args.family, "small": args.small, "setting": setting}
+
+
+def phase_markdown(results: list[dict], unit: str = "GiB") -> str:
+    """One row per phase of each whole run: its peak (and the reserved memory that implies), and what it found and
+    left on the device."""
+    scale = {"GiB": GIB, "MiB": 2 ** 20}[unit]
+    header = ["setting", "phase", f"peak {unit}", f"est. reserved {unit}", f"live at start {unit}",
+              f"live at end {unit}", *(f"{c} at peak {unit}" for c in CATEGORIES), "CPU s"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for r in results:
+        for phase in r.get("phases", []):
+            cells = [r["setting"], phase["phase"], f"{phase['peak'] / scale:.2f}",
+                     f"{estimated_reserved(phase['peak']) / scale:.2f}", f"{phase['live_at_start'] / scale:.2f}",
+                     f"{phase['live_at_end'] / scale:.2f}",
+                     *(f"{phase['peak_breakdown'][c] / scale:.2f}" for c in CATEGORIES), f"{phase['time_s']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict], unit: str = "GiB") -> str:
@@ -477,6 +615,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autocast-cache", action="store_true",
                         help="experiment: the training step's autocast with its cache of bf16 weight copies, "
                              "which the loop turns off: shows what the cache would cost")
+    parser.add_argument("--whole-run", action="store_true",
+                        help="every phase of a run, as a user's: token probing, class images (generated), photo "
+                             "encoding, training, a preview, saving; a table row per phase")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="decide everything as on a GPU with bf16 and this much memory, e.g. 7.6 for an 8 GB card "
+                             "(presets, precisions, the optimizer's kernels); default: as on this CPU")
     parser.add_argument("--out", action="append", default=[], help="write the table (.md) or all (.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     return parser.parse_args(argv)
@@ -491,9 +635,10 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run_one(args, args.one, resolution)), flush=True)
         return 0
     flags = [flag for flag, on in (("--small", args.small), ("--cpu-defaults", args.cpu_defaults),
-                                   ("--autocast-cache", args.autocast_cache)) if on]
+                                   ("--autocast-cache", args.autocast_cache), ("--whole-run", args.whole_run)) if on]
     passed_on = ["--family", args.family, "--resolution", str(resolution), "--steps", str(args.steps), *flags,
-                 *(["--threads", str(args.threads)] if args.threads else [])]
+                 *(["--threads", str(args.threads)] if args.threads else []),
+                 *(["--gpu-memory", str(args.gpu_memory)] if args.gpu_memory else [])]
     results = []
     for setting in args.settings or default_settings():
         print(f"[{args.family} {resolution}px {setting}]", file=sys.stderr, flush=True)
@@ -504,13 +649,18 @@ def main(argv=None) -> int:
             results.append({"setting": setting, "error": f"exit {proc.returncode}: {tail}"})
         else:
             results.append(json.loads(found[0]))
-            print(f"    peak {results[-1]['peak'] / GIB:.2f} GiB", file=sys.stderr, flush=True)
+            phases = ", ".join(f"{p['phase']} {p['peak'] / GIB:.2f}" for p in results[-1]["phases"])
+            print(f"    training step peak {results[-1]['peak'] / GIB:.2f} GiB; phases (GiB): {phases}",
+                  file=sys.stderr, flush=True)
     unit = "MiB" if args.small else "GiB"
     policy = "the CPU's own autocast and AdamW choices" if args.cpu_defaults else "CUDA's autocast and AdamW choices"
     table = (f"{'SD2.1' if args.family == 'sd2' else 'SD1.5'}{' (small)' if args.small else ''}, {resolution} px, "
              f"batch 1 + 1 class image, {args.steps} steps, peak over all steps; {policy}"
-             f"{', autocast cache on' if args.autocast_cache else ''} (torch {torch.__version__}, CPU)\n\n"
-             + markdown(results, unit) + "\n\n" + theory(results, unit) + "\n")
+             f"{', autocast cache on' if args.autocast_cache else ''}"
+             f"{f', decided as on a {args.gpu_memory} GiB GPU with bf16' if args.gpu_memory else ''} "
+             f"(torch {torch.__version__}, CPU)\n\n"
+             + markdown(results, unit) + "\n\n" + theory(results, unit) + "\n"
+             + (f"\nPhases of the whole run:\n\n{phase_markdown(results, unit)}\n" if args.whole_run else ""))
     print(table)
     for path in map(Path, args.out):
         path.write_text(json.dumps(results, indent=1) if path.suffix == ".json" else table)

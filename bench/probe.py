@@ -2,6 +2,8 @@
 
     python bench/probe.py ours RESULT.json SPEC.json
     python bench/probe.py reference RESULT.json SCRIPT -- SCRIPT_ARGS...
+    python bench/probe.py ours-class-images RESULT.json SPEC.json
+    python bench/probe.py reference-class-images RESULT.json SPEC.json
 
 Both sides are measured the same way:
 - a timestamp (time.perf_counter after torch.cuda.synchronize) at the end of every optimizer step: our train()'s
@@ -65,13 +67,12 @@ def _apply_threads() -> None:
 
 
 def run_ours(spec: dict) -> dict:
+    """Our train() on the saved random model, loaded by the real loader."""
     sys.path.insert(0, str(REPO_ROOT))
-    from bench.dreambooth_bench import random_bundle
     from trainer.callbacks import Callbacks
     from trainer.config import TrainConfig
     from trainer.loop import train
 
-    bundle = random_bundle(spec["family"], spec["small"], seed=spec["seed"])
     cfg = TrainConfig(**spec["config"])
     clock = StepClock(cfg.max_train_steps)
 
@@ -80,9 +81,53 @@ def run_ours(spec: dict) -> dict:
             clock.step_done()
 
     try:
-        train(cfg, bundle=bundle, callbacks=Timed())
+        train(cfg, callbacks=Timed())
     except StopAfterLastStep:
         pass
+    return clock.result()
+
+
+def run_ours_class_images(spec: dict) -> dict:
+    """trainer.priors as train() runs it (half precision on a GPU, PNGs written to the cache); a timestamp as each
+    image's file is in place."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import tempfile
+
+    from trainer.device import resolve_device
+    from trainer.models import load_model
+    from trainer.priors import make_class_priors
+
+    device = resolve_device("auto")
+    bundle = load_model(spec["model"])
+    clock = StepClock(spec["count"] + 1)  # never stops early
+    make_class_priors(bundle, "a dog", count=spec["count"], cache_root=tempfile.mkdtemp(), device=device,
+                      batch_size=spec["batch_size"], width=spec["size"], height=spec["size"], steps=spec["steps"],
+                      on_progress=lambda done, total: done and clock.step_done())
+    clock.step_end_s[-1] = time.perf_counter()  # the last image counts once its file is written
+    return clock.result()
+
+
+def run_reference_class_images(spec: dict) -> dict:
+    """diffusers' StableDiffusionPipeline as its documentation runs it: from the model folder in half precision on
+    the GPU, the same scheduler and settings, one generator per image; a timestamp as each batch is returned."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    cuda = torch.cuda.is_available()
+    dtype = (torch.bfloat16 if torch.cuda.get_device_properties(0).major >= 8 else torch.float16) if cuda \
+        else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(spec["model"], torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    clock = StepClock(spec["count"] + 1)
+    for start in range(0, spec["count"], spec["batch_size"]):
+        n = min(spec["batch_size"], spec["count"] - start)
+        generators = [torch.Generator("cpu").manual_seed(start + i) for i in range(n)]
+        pipe(prompt=["a dog"] * n, num_inference_steps=spec["steps"], guidance_scale=7.5, width=spec["size"],
+             height=spec["size"], generator=generators, output_type="pil")
+        for _ in range(n):
+            clock.step_done()
     return clock.result()
 
 
@@ -114,6 +159,10 @@ def main(argv: list[str]) -> None:
     _apply_threads()
     if kind == "ours":
         result = run_ours(json.loads(Path(rest[0]).read_text()))
+    elif kind == "ours-class-images":
+        result = run_ours_class_images(json.loads(Path(rest[0]).read_text()))
+    elif kind == "reference-class-images":
+        result = run_reference_class_images(json.loads(Path(rest[0]).read_text()))
     elif kind == "reference":
         assert rest[1] == "--", "usage: probe.py reference RESULT.json SCRIPT -- SCRIPT_ARGS..."
         result = run_reference(rest[0], rest[2:])

@@ -1,6 +1,7 @@
 """bench/dreambooth_bench.py works: settings parse, FLOPs are counted, the table has its ratio columns, and one tiny run
 end to end (with the reference script when a copy of it and its Python are here, else ours only)."""
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,13 @@ def test_settings_combine_our_overrides_and_reference_flags():
         bench.parse_setting("fp16+bf16")
 
 
-def test_every_config_boolean_is_in_the_matrix():
+def test_every_config_boolean_can_be_benchmarked():
     atoms = bench.all_atoms()
     covered = {key for atom in atoms.values() for key in atom.ours} | set(bench.FIXED_BOOLEANS)
     booleans = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool")}
     assert booleans <= covered
     for name in bench.boolean_atoms():
-        assert any(name in setting.split("+") for setting in bench.default_matrix(cuda=True))
+        assert bench.parse_setting(f"bf16+{name}").ours[name] is True
         assert bench.parse_setting(name).reference is None or name in bench.REFERENCE_FLAGS
 
 
@@ -84,3 +85,27 @@ def test_one_tiny_run_end_to_end(tmp_path, capsys):
     assert ("speed ours/ref" in table) == have_reference
     if not torch.cuda.is_available():
         assert "only the speed ratios are meaningful" in table
+
+
+@pytest.mark.slow
+def test_class_images_and_the_capped_whole_run_report_every_phase(tmp_path, capsys):
+    args = ["--small", "--settings", "--class-images", "8", "--whole-run", "7.6", "--no-reference", "--steps", "2",
+            "--warmup", "1", "--resolution", "32", "--threads", "1", "--out", str(tmp_path / "r.json")]
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    assert "## Class images: ours vs diffusers' StableDiffusionPipeline" in table
+    ours, reference = json.loads((tmp_path / "r.json").read_text())["class_images"][0]["images_per_second"].values()
+    assert ours > 0 and reference > 0
+    rows = [line for line in table.splitlines() if line.startswith("| SD1.5 | 7.6 | 8GB |")]
+    phases = [(cells[3], cells[4]) for cells in (_cells(row) for row in rows)]
+    assert phases == [("pick-token", "token probing"), ("train", "class images"), ("train", "photo encoding"),
+                      ("train", "previews"), ("train", "training"), ("train", "saving"), ("sample", "sampling")]
+
+
+def test_reference_python_may_be_a_command_name(tmp_path):
+    script = tmp_path / "train_dreambooth.py"
+    script.write_text("")
+    args = bench.parse_args(["--reference-script", str(script), "--reference-python", "python3"])
+    assert Path(args.reference_python).is_file() and Path(args.reference_python).name.startswith("python")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--reference-script", str(script), "--reference-python", "no-such-python-here"])

@@ -184,3 +184,25 @@ def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkp
     # here. Missing the autocast cache (up to 20% here), a gradient, or any free would put the two far apart.
     assert 0 <= expected - tracker.peak <= 0.02 * expected
     assert tracker.peak > sum(p.numel() * 4 for p in unet.parameters())  # the gradients at least
+
+
+def test_a_whole_run_leaves_each_phase_only_what_it_needs():
+    from bench.dreambooth_bench import parse_setting, random_bundle
+    bundle = random_bundle("sd1", small=True)
+    result = memory_model.measure(bundle, parse_setting("8GB+te").ours, steps=2, resolution=64,
+                                  gpu_memory=8 * memory_model.GIB, whole_run=True, num_images=4)
+    phases = {phase["phase"]: phase for phase in result["phases"]}
+    assert list(phases) == ["token probing", "class images", "photo encoding", "training", "previews", "saving"]
+    for name in ("token probing", "class images", "photo encoding"):  # each finds the device empty and leaves it so
+        assert phases[name]["live_at_start"] == 0 and phases[name]["peak"] > 0
+    assert phases["token probing"]["live_at_end"] == phases["class images"]["live_at_end"] == 0
+    cache = phases["photo encoding"]["live_at_end"]  # the cached latents and text states, for the training steps
+    assert 0 < cache < MIB and phases["training"]["live_at_start"] == cache == phases["training"]["live_at_end"]
+    # previews run beside the training (its weights and optimizer state) and leave as they came
+    assert phases["previews"]["live_at_start"] == phases["previews"]["live_at_end"] > 10 * cache
+    assert phases["saving"]["live_at_start"] == phases["saving"]["peak"] == 0  # the optimizer is gone before it
+    assert result["left_on_device"] == 0
+    # decided as on an 8 GiB GPU with bf16: the class images are drawn by the whole model in bf16
+    tensors = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
+    assert phases["class images"]["peak_breakdown"]["weights"] == sum(
+        t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)

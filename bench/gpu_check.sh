@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks of the consumer-GPU work (issue 10) in one run of about 7 minutes on one H200, from the repo root:
+#   - the training matrix (the presets, and the two settings they are held against) vs diffusers' train_dreambooth.py;
+#   - class-image generation, ours vs diffusers' StableDiffusionPipeline (images/s);
+#   - the command line's whole run (pick-token, train with class images and a preview, sample) with each process
+#     capped at 7.6 and 11.6 GiB, the peak of every phase.
+# Results (markdown, JSON, the log) go to $OUT, or bench-gpu/ here. More arguments go to bench/dreambooth_bench.py
+# (on a CPU, to try the wiring: bash bench/gpu_check.sh --small --no-reference --steps 3 --warmup 1 --class-images 8).
+#
+# Needs: a Python with torch (CUDA), torchvision, transformers, accelerate, diffusers and bitsandbytes; where diffusers
+# or bitsandbytes are missing, put their wheels in .whl/ (bench/README.md says how) and they are installed to
+# /tmp/site. The reference script: $DREAMBOOTH_REFERENCE_SCRIPT, else .whl/train_dreambooth.py (a copy of
+# ../shared/reference/train_dreambooth.py; never committed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-gpu}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+REFERENCE=${DREAMBOOTH_REFERENCE_SCRIPT:-.whl/train_dreambooth.py}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PYTHON" -c "import torch, diffusers, bitsandbytes; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
+
+"$PYTHON" bench/dreambooth_bench.py --family sd1 --steps 12 --warmup 4 --class-images 16 --whole-run 7.6 11.6 \
+    --reference-script "$REFERENCE" --reference-python "$PYTHON" --timeout 300 \
+    --out "$OUT/bench.md" --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/log.txt"
