@@ -1,8 +1,10 @@
 """Rare-token identifiers for DreamBooth: candidates from the CLIP BPE vocabulary, ranked by a measured prior.
 
 Candidates are word-final vocabulary tokens ("...</w>") of 2-5 lowercase ASCII letters that tokenize back to
-themselves (alone and in "a X dog") and are not English words (trainer/data/english_words.txt), Roman numerals,
-elongations ("hmmmm") or blocked (trainer/data/blocked_tokens.txt: sks and other short tokens with a known meaning).
+themselves (alone and in "a X dog") and are not words, names or abbreviations of any language wordfreq covers
+(trainer/data/known_words.txt, accents dropped), English dictionary words (trainer/data/english_words.txt, which
+also holds the rare ones a frequency list misses), Roman numerals, elongations ("hmmmm") or blocked
+(trainer/data/blocked_tokens.txt: sks and other short tokens with a known meaning).
 An identifier of several tokens joins them with spaces, so each keeps its own token.
 
 Prior strength, measured on the loaded checkpoint, answers: how differently does the model draw "a [V] [class]" from
@@ -68,7 +70,7 @@ def candidate_identifiers(tokenizer, *, count: int, seed: int, max_tokens: int =
 def token_pool(tokenizer) -> set[str]:
     """Every single token usable as (part of) an identifier."""
     vocab = tokenizer.get_vocab()
-    excluded = english_words() | blocked_tokens()
+    excluded = known_words().keys() | english_words() | blocked_tokens()
     names = [token[: -len(WORD_FINAL)] for token in vocab if _is_short_word_token(token)]
     names = [name for name in names
              if name not in excluded and not ROMAN_NUMERAL.fullmatch(name) and not ELONGATED.search(name)]
@@ -96,6 +98,13 @@ def _ids(tokenizer, text: str) -> list[int]:
 @lru_cache(maxsize=1)
 def english_words() -> frozenset[str]:
     return frozenset(_data_lines("english_words.txt"))
+
+
+@lru_cache(maxsize=1)
+def known_words() -> dict[str, tuple[str, ...]]:
+    """Words, names and abbreviations of 2-5 letters that some language uses, each with the wordfreq language codes
+    where it is most frequent; see trainer/data/make_known_words.py."""
+    return {word: tuple(languages) for word, *languages in map(str.split, _data_lines("known_words.txt"))}
 
 
 @lru_cache(maxsize=1)
