@@ -3,8 +3,9 @@
 Candidates are word-final vocabulary tokens ("...</w>") of 2-5 lowercase ASCII letters that tokenize back to
 themselves (alone and in "a X dog") and are not words, names or abbreviations of any language wordfreq covers
 (trainer/data/known_words.txt, accents dropped), English dictionary words (trainer/data/english_words.txt, which
-also holds the rare ones a frequency list misses), Roman numerals, elongations ("hmmmm") or blocked
-(trainer/data/blocked_tokens.txt: sks and other short tokens with a known meaning).
+also holds the rare ones a frequency list misses), Roman numerals, elongations ("hmmmm"), without a vowel (acronyms,
+hashtags and texting shorthand: "tmrw", "nhq") or blocked (trainer/data/blocked_tokens.txt: sks and other short
+tokens with a known meaning).
 An identifier of several tokens joins them with spaces, so each keeps its own token.
 
 Prior strength, measured on the loaded checkpoint, answers: how differently does the model draw "a [V] [class]" from
@@ -40,6 +41,9 @@ WORD_FINAL = "</w>"
 ROMAN_NUMERAL = re.compile(r"m{0,4}(cm|cd|d?c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
 # A letter three times in a row is an elongated interjection or tag ("hmmmm", "aaaah", "xxxxx"), not a fresh token.
 ELONGATED = re.compile(r"(.)\1\1")
+# A vocabulary token without a vowel is an acronym, a hashtag or texting shorthand ("tmrw", "wknd", "mcfc"): word
+# lists miss many of them, yet BPE only made each a token because captions use it often.
+VOWELLESS = re.compile(r"[^aeiouy]+")
 # Fixed probes for the denoiser shift: a few timesteps spanning coarse (layout) to fine (texture) denoising.
 PROBE_TIMESTEPS = (250, 500, 750)
 
@@ -73,7 +77,8 @@ def token_pool(tokenizer) -> set[str]:
     excluded = known_words().keys() | english_words() | blocked_tokens()
     names = [token[: -len(WORD_FINAL)] for token in vocab if _is_short_word_token(token)]
     names = [name for name in names
-             if name not in excluded and not ROMAN_NUMERAL.fullmatch(name) and not ELONGATED.search(name)]
+             if name not in excluded and not ROMAN_NUMERAL.fullmatch(name) and not ELONGATED.search(name)
+             and not VOWELLESS.fullmatch(name)]
     return _round_trips(tokenizer, names, vocab)
 
 
