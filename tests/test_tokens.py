@@ -5,8 +5,8 @@ import torch
 
 from tests.tiny import tiny_bundle
 from trainer.models import load_tokenizer
-from trainer.tokens import (blocked_tokens, candidate_identifiers, english_words, known_words, prior_strength,
-                            rank_identifiers, token_pool)
+from trainer.tokens import (LANGUAGE_NAMES, blocked_tokens, candidate_identifiers, english_words, identifier_warnings,
+                            known_words, prior_strength, rank_identifiers, token_pool)
 
 LATENT = 8  # small probes keep the tiny UNet fast; the default (32) is for real checkpoints
 
@@ -86,6 +86,54 @@ def test_no_word_of_a_major_language_in_pool(tokenizer, pool, sample):
     for name in sample.split():
         assert ids(tokenizer, name) == [vocab[name + "</w>"]], f"{name} is not one CLIP token: the sample is moot"
     assert not pool & set(sample.split())
+
+
+PICK_ADVICE = "`python -m trainer pick-token` or the Pick Rare Token node"
+
+
+def test_every_language_code_has_a_name():
+    assert {code for codes in known_words().values() for code in codes} == LANGUAGE_NAMES.keys()
+
+
+@pytest.mark.parametrize("identifier, expected", [
+    ("sks", ["'sks' is blocked (tutorials)", "SKS rifle"]),
+    ("SKS", ["'sks' is blocked"]),  # CLIP lower-cases, so does the check
+    ("dog", ["'dog' is a real word", "in the English dictionary (SCOWL) and used in Danish, English and Swedish text"]),
+    ("perro", ["'perro' is a real word", "Spanish", "(wordfreq)"]),
+    ("pnw", ["'pnw' is a real word, name or abbreviation: used in English text (wordfreq)"]),
+    ("joao", ["Portuguese"]),
+    ("usa", ["'usa' is blocked (countries_3)"]),
+    ("xciv", ["'xciv' is a Roman numeral"]),
+    ("tmrw", ["'tmrw' has no vowel"]),
+    ("x", ["'x' is a single letter"]),
+    ("", ["The identifier is empty"]),
+])
+def test_identifier_warnings_say_why_and_what_to_do(identifier, expected):
+    (warning,) = identifier_warnings(identifier)
+    for text in expected:
+        assert text in warning
+    assert warning.endswith(f"Pick a rare identifier with {PICK_ADVICE}.")
+
+
+def test_identifier_warnings_check_each_part_once():
+    warnings = identifier_warnings("zwx dog dog")
+    assert len(warnings) == 2 and "'zwx' has no vowel" in warnings[0] and "'dog' is a real word" in warnings[1]
+
+
+def test_identifier_warnings_with_the_tokenizer(tokenizer):
+    (too_long,) = identifier_warnings("ators ction ified ghue", tokenizer)  # four pool tokens
+    assert "is 4 CLIP tokens (ators ction ified ghue); rare identifiers are 1 to 3 tokens" in too_long
+    (split,) = identifier_warnings("qazeqixu", tokenizer)
+    assert re.search(r"'qazeqixu' is [4-9] CLIP tokens", split)
+    (whole_word,) = identifier_warnings("golden", tokenizer)
+    assert "'golden' is a whole word of CLIP's vocabulary" in whole_word
+    assert identifier_warnings("golden") == []  # without the tokenizer only the 2-5 letter lists can say
+
+
+def test_pool_tokens_draw_no_warning(tokenizer, pool):
+    assert [name for name in sorted(pool) if identifier_warnings(name, tokenizer)] == []
+    for identifier in candidate_identifiers(tokenizer, count=30, seed=2, max_tokens=3):
+        assert identifier_warnings(identifier, tokenizer) == [], identifier
 
 
 def test_candidates_deterministic_for_seed(tokenizer, pool):
