@@ -5,8 +5,8 @@ import torch
 
 from tests.tiny import tiny_bundle
 from trainer.models import load_tokenizer
-from trainer.tokens import (blocked_tokens, candidate_identifiers, english_words, prior_strength, rank_identifiers,
-                            token_pool)
+from trainer.tokens import (LANGUAGE_NAMES, blocked_tokens, candidate_identifiers, english_words, identifier_warnings,
+                            known_words, prior_strength, rank_identifiers, token_pool)
 
 LATENT = 8  # small probes keep the tiny UNet fast; the default (32) is for real checkpoints
 
@@ -32,21 +32,25 @@ def test_tokenization_facts(family):
     assert tokenizer.convert_ids_to_tokens(48136) == "sks</w>"
 
 
-def test_word_list_and_blocklist_load():
-    words, blocked = english_words(), blocked_tokens()
+def test_word_lists_and_blocklist_load():
+    words, known, blocked = english_words(), known_words(), blocked_tokens()
     assert {"dog", "the", "red", "cat", "john", "paris"} <= words
     assert not any(word.startswith("#") for word in words)
+    assert len(known) > 100_000 and all(re.fullmatch(r"[a-z]{2,5}", word) for word in known)
+    assert known["fiets"][0] == "nl" and known["perro"][0] == "es" and "de" in known["hund"]
+    assert known["joao"][0] == "pt" and known["pnw"] == ("en",)  # accents dropped; one language only
+    assert all(1 <= len(languages) <= 3 for languages in known.values())
     assert {"sks", "ohwx", "ak", "usa", "lol", "nsfw", "nike", "dslr"} <= blocked
     assert not any(":" in token for token in blocked)
 
 
 def test_pool_holds_only_fresh_single_tokens(tokenizer, pool):
-    assert len(pool) > 3000
+    assert len(pool) > 1000  # room for pick-token's 200 candidates, and for 3-token identifiers
     vocab = tokenizer.get_vocab()
-    words, blocked = english_words(), blocked_tokens()
+    words, known, blocked = english_words(), known_words(), blocked_tokens()
     for name in pool:
         assert re.fullmatch(r"[a-z]{2,5}", name), name
-        assert name not in words and name not in blocked, name
+        assert name not in words and name not in known and name not in blocked, name
         token = vocab[name + "</w>"]
         assert ids(tokenizer, name) == [token], name
         assert ids(tokenizer, f"a {name} dog") == [320, token, 1929], name
@@ -58,7 +62,78 @@ def test_known_offenders_never_in_pool(pool):
     real_words = {"dog", "the", "and", "cat", "red", "run", "john", "paris"}
     numbers = {"ii", "iii", "iv", "xiv", "mmx", "xx"}  # Roman numerals; digits cannot pass the letters-only rule
     elongated = {"hmmmm", "aaaah", "xxxxx"}
-    assert not pool & (offenders | real_words | numbers | elongated)
+    vowelless = {"tmrw", "wknd", "nhq", "mcfc"}  # acronyms, hashtags, shorthand
+    assert not pool & (offenders | real_words | numbers | elongated | vowelless)
+
+
+# Single CLIP tokens that an English word list lets through (the pool held them all before the multilingual one).
+FOREIGN_WORDS = {
+    "es": "gato hola mucho todo pero calle fotos noche nada agua fuego queso mundo ahora todos vamos",
+    "fr": "merci avec sont dans vous bien tres homme ville jour nuit mais rien toi elle",
+    "de": "haus auch aber doch stadt nacht ich wir und alles liebe zeit mein",
+    "it": "bello sono anche notte bene amore mondo",
+    "pt": "nao onde bom pai mais ela ele feliz pra mundo",
+    "nl": "ook maar stad nacht het een voor wel hier wie",
+}
+FIRST_NAMES_AND_SURNAMES = "joao luca yuki zhang ying priya lukas mateo hiro akira hana minh kumar pavel"
+ABBREVIATIONS = "maths elo pnw diy nyfw hmu ftw wip pdx atx socal icymi tmrw wknd hbd mcfc ncwx"
+
+
+@pytest.mark.parametrize("sample", [*FOREIGN_WORDS.values(), FIRST_NAMES_AND_SURNAMES, ABBREVIATIONS],
+                         ids=[*FOREIGN_WORDS, "names", "abbreviations"])
+def test_no_word_of_a_major_language_in_pool(tokenizer, pool, sample):
+    vocab = tokenizer.get_vocab()
+    for name in sample.split():
+        assert ids(tokenizer, name) == [vocab[name + "</w>"]], f"{name} is not one CLIP token: the sample is moot"
+    assert not pool & set(sample.split())
+
+
+PICK_ADVICE = "`python -m trainer pick-token` or the Pick Rare Token node"
+
+
+def test_every_language_code_has_a_name():
+    assert {code for codes in known_words().values() for code in codes} == LANGUAGE_NAMES.keys()
+
+
+@pytest.mark.parametrize("identifier, expected", [
+    ("sks", ["'sks' is blocked (tutorials)", "SKS rifle"]),
+    ("SKS", ["'sks' is blocked"]),  # CLIP lower-cases, so does the check
+    ("dog", ["'dog' is a real word", "in the English dictionary (SCOWL) and used in Danish, English and Swedish text"]),
+    ("perro", ["'perro' is a real word", "Spanish", "(wordfreq)"]),
+    ("pnw", ["'pnw' is a real word, name or abbreviation: used in English text (wordfreq)"]),
+    ("joao", ["Portuguese"]),
+    ("usa", ["'usa' is blocked (countries_3)"]),
+    ("xciv", ["'xciv' is a Roman numeral"]),
+    ("tmrw", ["'tmrw' has no vowel"]),
+    ("x", ["'x' is a single letter"]),
+    ("", ["The identifier is empty"]),
+])
+def test_identifier_warnings_say_why_and_what_to_do(identifier, expected):
+    (warning,) = identifier_warnings(identifier)
+    for text in expected:
+        assert text in warning
+    assert warning.endswith(f"Pick a rare identifier with {PICK_ADVICE}.")
+
+
+def test_identifier_warnings_check_each_part_once():
+    warnings = identifier_warnings("zwx dog dog")
+    assert len(warnings) == 2 and "'zwx' has no vowel" in warnings[0] and "'dog' is a real word" in warnings[1]
+
+
+def test_identifier_warnings_with_the_tokenizer(tokenizer):
+    (too_long,) = identifier_warnings("ators ction ified ghue", tokenizer)  # four pool tokens
+    assert "is 4 CLIP tokens (ators ction ified ghue); rare identifiers are 1 to 3 tokens" in too_long
+    (split,) = identifier_warnings("qazeqixu", tokenizer)
+    assert re.search(r"'qazeqixu' is [4-9] CLIP tokens", split)
+    (whole_word,) = identifier_warnings("golden", tokenizer)
+    assert "'golden' is a whole word of CLIP's vocabulary" in whole_word
+    assert identifier_warnings("golden") == []  # without the tokenizer only the 2-5 letter lists can say
+
+
+def test_pool_tokens_draw_no_warning(tokenizer, pool):
+    assert [name for name in sorted(pool) if identifier_warnings(name, tokenizer)] == []
+    for identifier in candidate_identifiers(tokenizer, count=30, seed=2, max_tokens=3):
+        assert identifier_warnings(identifier, tokenizer) == [], identifier
 
 
 def test_candidates_deterministic_for_seed(tokenizer, pool):

@@ -1,8 +1,11 @@
 """Rare-token identifiers for DreamBooth: candidates from the CLIP BPE vocabulary, ranked by a measured prior.
 
 Candidates are word-final vocabulary tokens ("...</w>") of 2-5 lowercase ASCII letters that tokenize back to
-themselves (alone and in "a X dog") and are not English words (trainer/data/english_words.txt), Roman numerals,
-elongations ("hmmmm") or blocked (trainer/data/blocked_tokens.txt: sks and other short tokens with a known meaning).
+themselves (alone and in "a X dog") and are not words, names or abbreviations of any language wordfreq covers
+(trainer/data/known_words.txt, accents dropped), English dictionary words (trainer/data/english_words.txt, which
+also holds the rare ones a frequency list misses), Roman numerals, elongations ("hmmmm"), without a vowel (acronyms,
+hashtags and texting shorthand: "tmrw", "nhq") or blocked (trainer/data/blocked_tokens.txt: sks and other short
+tokens with a known meaning). `identifier_warnings` applies the same rules to an identifier a user typed.
 An identifier of several tokens joins them with spaces, so each keeps its own token.
 
 Prior strength, measured on the loaded checkpoint, answers: how differently does the model draw "a [V] [class]" from
@@ -38,6 +41,22 @@ WORD_FINAL = "</w>"
 ROMAN_NUMERAL = re.compile(r"m{0,4}(cm|cd|d?c{0,3})(xc|xl|l?x{0,3})(ix|iv|v?i{0,3})")
 # A letter three times in a row is an elongated interjection or tag ("hmmmm", "aaaah", "xxxxx"), not a fresh token.
 ELONGATED = re.compile(r"(.)\1\1")
+# A vocabulary token without a vowel is an acronym, a hashtag or texting shorthand ("tmrw", "wknd", "mcfc"): word
+# lists miss many of them, yet BPE only made each a token because captions use it often.
+VOWELLESS = re.compile(r"[^aeiouy]+")
+# The DreamBooth paper's rare identifiers are sequences of 1 to 3 tokens.
+MAX_IDENTIFIER_TOKENS = 3
+PICK_ADVICE = "Pick a rare identifier with `python -m trainer pick-token` or the Pick Rare Token node."
+# wordfreq's language codes, as known_words.txt gives them.
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "bg": "Bulgarian", "bn": "Bangla", "ca": "Catalan", "cs": "Czech", "da": "Danish", "de": "German",
+    "el": "Greek", "en": "English", "es": "Spanish", "fa": "Persian", "fi": "Finnish", "fil": "Filipino",
+    "fr": "French", "he": "Hebrew", "hi": "Hindi", "hu": "Hungarian", "id": "Indonesian", "is": "Icelandic",
+    "it": "Italian", "ja": "Japanese", "ko": "Korean", "lt": "Lithuanian", "lv": "Latvian", "mk": "Macedonian",
+    "ms": "Malay", "nb": "Norwegian", "nl": "Dutch", "pl": "Polish", "pt": "Portuguese", "ro": "Romanian",
+    "ru": "Russian", "sh": "Serbo-Croatian", "sk": "Slovak", "sl": "Slovenian", "sv": "Swedish", "ta": "Tamil",
+    "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese", "zh": "Chinese",
+}
 # Fixed probes for the denoiser shift: a few timesteps spanning coarse (layout) to fine (texture) denoising.
 PROBE_TIMESTEPS = (250, 500, 750)
 
@@ -53,7 +72,7 @@ class RankedToken:
 def candidate_identifiers(tokenizer, *, count: int, seed: int, max_tokens: int = 1) -> list[str]:
     """`count` distinct identifiers drawn from the candidate pool by a seeded shuffle of the sorted pool; with
     max_tokens > 1 each identifier joins 1..max_tokens pool tokens (seeded too) with spaces."""
-    if not 1 <= max_tokens <= 3:
+    if not 1 <= max_tokens <= MAX_IDENTIFIER_TOKENS:
         raise ValueError(f"max_tokens must be 1, 2 or 3 (identifiers of up to three tokens), got {max_tokens}")
     pool = sorted(token_pool(tokenizer))
     rng = random.Random(seed)
@@ -68,11 +87,62 @@ def candidate_identifiers(tokenizer, *, count: int, seed: int, max_tokens: int =
 def token_pool(tokenizer) -> set[str]:
     """Every single token usable as (part of) an identifier."""
     vocab = tokenizer.get_vocab()
-    excluded = english_words() | blocked_tokens()
     names = [token[: -len(WORD_FINAL)] for token in vocab if _is_short_word_token(token)]
-    names = [name for name in names
-             if name not in excluded and not ROMAN_NUMERAL.fullmatch(name) and not ELONGATED.search(name)]
-    return _round_trips(tokenizer, names, vocab)
+    return _round_trips(tokenizer, [name for name in names if rejection_reason(name) is None], vocab)
+
+
+def rejection_reason(name: str) -> str | None:
+    """Why the lowercase letters `name` are never a candidate token, or None."""
+    if name in _blocked_groups():
+        group, why = _blocked_groups()[name]
+        return f"'{name}' is blocked ({group}): {why}"
+    lists = []
+    if name in english_words():
+        lists.append("in the English dictionary (SCOWL)")
+    if name in known_words():
+        lists.append(f"used in {_language_names(known_words()[name])} text (wordfreq)")
+    if lists:
+        return f"'{name}' is a real word, name or abbreviation: {' and '.join(lists)}"
+    if ROMAN_NUMERAL.fullmatch(name):
+        return f"'{name}' is a Roman numeral"
+    if ELONGATED.search(name):
+        return f"'{name}' repeats a letter three times, like interjections and tags (hmmmm, xxxxx)"
+    if VOWELLESS.fullmatch(name):
+        return f"'{name}' has no vowel: a vocabulary token without one is an acronym, hashtag or shorthand (tmrw, nhq)"
+    return None
+
+
+def identifier_warnings(identifier: str, tokenizer=None) -> list[str]:
+    """Why an identifier a user typed is a poor choice, one sentence each with the fix; [] when nothing is known
+    against it. Each space-separated part meets the candidate pool's rules (see `rejection_reason`); with the CLIP
+    tokenizer the identifier's token count is checked too, and whether a part of 6+ letters is a whole word of the
+    vocabulary (the word lists stop at 5 letters)."""
+    words = identifier.lower().split()  # CLIP lower-cases too
+    if not words:
+        return [f"The identifier is empty. {PICK_ADVICE}"]
+    reasons = []
+    for part in dict.fromkeys(words):
+        if re.fullmatch(r"[a-z]", part):
+            reasons.append(f"'{part}' is a single letter, which captions use as an initial, article or label")
+        elif re.fullmatch(r"[a-z]+", part) and (reason := rejection_reason(part)):
+            reasons.append(reason)
+    if tokenizer is not None:
+        reasons += _tokenizer_reasons(tokenizer, words)
+    return [f"{reason.rstrip('.')}. {PICK_ADVICE}" for reason in reasons]
+
+
+def _tokenizer_reasons(tokenizer, words: list[str]) -> list[str]:
+    reasons = []
+    pieces = tokenizer.convert_ids_to_tokens(_ids(tokenizer, " ".join(words)))
+    if len(pieces) > MAX_IDENTIFIER_TOKENS:
+        shown = " ".join(piece.removesuffix(WORD_FINAL) for piece in pieces)
+        reasons.append(f"'{' '.join(words)}' is {len(pieces)} CLIP tokens ({shown}); rare identifiers are 1 to "
+                       f"{MAX_IDENTIFIER_TOKENS} tokens, as in the DreamBooth paper")
+    for part in dict.fromkeys(words):
+        if len(part) > 5 and tokenizer.convert_ids_to_tokens(_ids(tokenizer, part)) == [part + WORD_FINAL]:
+            reasons.append(f"'{part}' is a whole word of CLIP's vocabulary: a word that long is one token only "
+                           "because CLIP's training text used it often")
+    return reasons
 
 
 def _is_short_word_token(token: str) -> bool:
@@ -99,9 +169,38 @@ def english_words() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
+def known_words() -> dict[str, tuple[str, ...]]:
+    """Words, names and abbreviations of 2-5 letters that some language uses, each with the wordfreq language codes
+    where it is most frequent; see trainer/data/make_known_words.py."""
+    return {word: tuple(languages) for word, *languages in map(str.split, _data_lines("known_words.txt"))}
+
+
+def _language_names(codes: tuple[str, ...]) -> str:
+    names = [LANGUAGE_NAMES[code] for code in codes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def blocked_tokens() -> frozenset[str]:
-    """All tokens of blocked_tokens.txt; each line is "group: token token ..."."""
-    return frozenset(token for line in _data_lines("blocked_tokens.txt") for token in line.split(":", 1)[1].split())
+    """All tokens of blocked_tokens.txt."""
+    return frozenset(_blocked_groups())
+
+
+@lru_cache(maxsize=1)
+def _blocked_groups() -> dict[str, tuple[str, str]]:
+    """token -> (group, why) from blocked_tokens.txt, whose lines "group: token token ..." each follow the comment
+    that says why (a token in several groups keeps the first)."""
+    groups, comment = {}, []
+    for line in (DATA_DIR / "blocked_tokens.txt").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            comment.append(line.lstrip("#").strip())
+            continue
+        if line:
+            group, tokens = line.split(":", 1)
+            for token in tokens.split():
+                groups.setdefault(token, (group, " ".join(comment)))
+        comment = []
+    return groups
 
 
 def _data_lines(name: str) -> list[str]:

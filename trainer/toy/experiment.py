@@ -26,7 +26,9 @@ from .evaluators import Evaluators, named_attributes
 BASE = Path(__file__).with_name("base.safetensors")
 RESOLUTION = 32
 PHOTO_SIZE = 64  # the photo loader refuses photos under 64 px (as for real photos); training resizes to 32
-# The identifier `python -m trainer pick-token --model trainer/toy/base.safetensors --class-noun star` ranks first.
+# `python -m trainer pick-token --model trainer/toy/base.safetensors --class-noun star` ranked it first before the pool
+# dropped the words of every language (rab is Hungarian and Turkish; itas ranks first now). The toy world's captions
+# never use it, which is all the experiment needs.
 RARE_IDENTIFIER = "rab"
 RUNNERS_UP = ("joao", "oul", "nings", "ying")  # that list's 2nd to 5th: words the training never saw either
 # A word the base model knows well (a pattern of this world): what the paper warns against using as the identifier.
