@@ -37,6 +37,7 @@ class GenerateClassPriors(io.ComfyNode):
     def execute(cls, ckpt_name, class_noun, count, size, steps, guidance, seed) -> io.NodeOutput:
         from ..trainer.api import class_images
         from ..trainer.priors import load_prior_images
+        from ..trainer.prompts import class_prompt
 
         progress = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, count)
 
@@ -44,7 +45,7 @@ class GenerateClassPriors(io.ComfyNode):
             progress.bar.update_absolute(done, total)  # raises on the stop button; finished images stay cached
 
         comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
-        paths = class_images(comfy_hooks.checkpoint_path(ckpt_name), f"a {class_noun.strip()}", count=count,
+        paths = class_images(comfy_hooks.checkpoint_path(ckpt_name), class_prompt(class_noun), count=count,
                              cache_root=comfy_hooks.prior_cache_folder(), size=size, steps=steps, guidance=guidance,
                              seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log, on_progress=on_progress)
         comfy_hooks.release()

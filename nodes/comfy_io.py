@@ -36,12 +36,3 @@ def folder_fingerprint(folder: str) -> str:
         return f"missing:{folder}"
     entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def read_trigger_phrase(path: str) -> str:
-    """The trigger phrase a DreamBooth Studio checkpoint carries ('' for other checkpoints), from the header only."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as file:
-        metadata = file.metadata() or {}
-    return metadata.get("modelspec.trigger_phrase", "")

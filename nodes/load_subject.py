@@ -1,7 +1,6 @@
 from comfy_api.latest import io
 
 from . import comfy_hooks
-from .comfy_io import read_trigger_phrase
 
 CATEGORY = "DreamBooth"
 
@@ -33,6 +32,8 @@ class LoadSubjectModel(io.ComfyNode):
     def execute(cls, ckpt_name) -> io.NodeOutput:
         import comfy.sd
         import folder_paths
+
+        from ..trainer.checkpoint import read_trigger_phrase
 
         path = comfy_hooks.checkpoint_path(ckpt_name)
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(

@@ -34,6 +34,7 @@ class PickRareToken(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, class_noun, candidates, seed) -> io.NodeOutput:
         from ..trainer.api import pick_identifiers
+        from ..trainer.prompts import instance_prompt
 
         comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
         ranked = pick_identifiers(comfy_hooks.checkpoint_path(ckpt_name), class_noun.strip(), count=candidates,
@@ -41,5 +42,5 @@ class PickRareToken(io.ComfyNode):
         comfy_hooks.release()
         table = "\n".join(f"{t.identifier:<8} prior strength {t.strength:.3f}" for t in ranked)
         best = ranked[0].identifier
-        return io.NodeOutput(best, f"a {best} {class_noun.strip()}",
+        return io.NodeOutput(best, instance_prompt(best, class_noun),
                              ui=ui.PreviewText(f"weakest prior first:\n{table}"))

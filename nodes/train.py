@@ -98,10 +98,11 @@ class DreamBoothTrain(io.ComfyNode):
         from ..trainer.config import TrainConfig
         from ..trainer.dataset import SubjectImage
         from ..trainer.loop import train
+        from ..trainer import prompts
         from ..trainer.plots import loss_curve
 
         output = output_path(comfy_hooks.output_folder(), output_name)
-        instance_prompt = f"a {identifier.strip()} {class_noun.strip()}"
+        instance_prompt = prompts.instance_prompt(identifier, class_noun)
         cfg = TrainConfig(
             base_model=comfy_hooks.checkpoint_path(ckpt_name), instance_dir=instance_folder.strip(),
             identifier=identifier.strip(), class_noun=class_noun.strip(), output=str(output),

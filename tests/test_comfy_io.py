@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes.comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch, read_trigger_phrase
-from trainer.checkpoint import save_checkpoint
+from nodes.comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch
+from trainer.checkpoint import read_trigger_phrase, save_checkpoint
 from tests.tiny import tiny_bundle
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
+from .prompts import class_prompt
 
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
 _ALIASES = {"base_model": ["--model"], "instance_dir": ["--images"]}
@@ -123,7 +124,7 @@ def _pick_token(args) -> int:
 def _priors(args) -> int:
     from .api import class_images
     paths = class_images(
-        args.model, f"a {args.class_noun}", count=args.count, cache_root=args.cache, size=args.size,
+        args.model, class_prompt(args.class_noun), count=args.count, cache_root=args.cache, size=args.size,
         steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, log=_log,
         on_progress=lambda done, total: print(f"\rclass images {done}/{total}", end="", flush=True))
     print(f"\n{len(paths)} class images in {paths[0].parent}")

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import metadata as meta
 from .atomic import replacing
 
 if TYPE_CHECKING:
@@ -32,9 +33,6 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
 V_PRED_KEY = "v_pred"  # ComfyUI's marker for v-prediction checkpoints: an empty tensor
 
-# Our own metadata: the modules' configs as JSON, so any shape (tiny test models included) loads back as it was.
-META_CONFIG_KEYS = {"unet": "dreambooth.unet_config", "vae": "dreambooth.vae_config", "text": "dreambooth.text_config"}
-META_PREDICTION_TYPE = "modelspec.prediction_type"
 SPEC_PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers name -> ModelSpec name
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -219,14 +217,14 @@ def _config_json(config) -> str:
 def format_metadata(bundle: ModelBundle) -> dict[str, str]:
     """The metadata keys save_checkpoint owns: ModelSpec's description of the model and our module configs."""
     return {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _architecture(bundle),
-        "modelspec.implementation": _IMPLEMENTATION[bundle.family],
-        META_PREDICTION_TYPE: SPEC_PREDICTION_TYPE[bundle.prediction_type],
-        "modelspec.date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        META_CONFIG_KEYS["unet"]: _config_json(bundle.unet.config),
-        META_CONFIG_KEYS["vae"]: _config_json(bundle.vae.config),
-        META_CONFIG_KEYS["text"]: _config_json(bundle.text_encoder.config),
+        meta.SPEC_VERSION: "1.0.0",
+        meta.ARCHITECTURE: _architecture(bundle),
+        meta.IMPLEMENTATION: _IMPLEMENTATION[bundle.family],
+        meta.PREDICTION_TYPE: SPEC_PREDICTION_TYPE[bundle.prediction_type],
+        meta.DATE: datetime.now().astimezone().isoformat(timespec="seconds"),
+        meta.CONFIGS["unet"]: _config_json(bundle.unet.config),
+        meta.CONFIGS["vae"]: _config_json(bundle.vae.config),
+        meta.CONFIGS["text"]: _config_json(bundle.text_encoder.config),
     }
 
 
@@ -357,6 +355,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a .safetensors file ({} when it has none)."""
     with open_checkpoint(path) as file:
         return dict(file.metadata() or {})
+
+
+def read_trigger_phrase(path: str | os.PathLike) -> str:
+    """The trigger phrase a checkpoint of ours carries ('' for other checkpoints), from the header only."""
+    return read_metadata(path).get(meta.TRIGGER_PHRASE, "")
 
 
 # --- output names ----------------------------------------------------------------------------------------------

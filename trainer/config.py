@@ -6,6 +6,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .prompts import class_prompt, instance_prompt
+
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 ATTENTIONS = ("auto", "sdpa", "xformers")
@@ -77,8 +79,8 @@ class TrainConfig:
     sample_steps: int = _setting(20, "Sampling steps of each preview image.")
 
     def __post_init__(self):
-        self.instance_prompt = self.instance_prompt or f"a {self.identifier} {self.class_noun}"
-        self.class_prompt = self.class_prompt or f"a {self.class_noun}"
+        self.instance_prompt = self.instance_prompt or instance_prompt(self.identifier, self.class_noun)
+        self.class_prompt = self.class_prompt or class_prompt(self.class_noun)
 
     @property
     def trigger_phrase(self) -> str:

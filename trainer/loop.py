@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import metadata as meta
 from . import speed
 from . import state as state_io
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
@@ -451,14 +452,14 @@ def _save_output(cfg, bundle, steps: int) -> None:
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
         module.to("cpu").eval()
     metadata = {
-        "modelspec.title": Path(cfg.output).stem,
-        "modelspec.trigger_phrase": cfg.instance_prompt,
-        "dreambooth.identifier": cfg.identifier,
-        "dreambooth.class_noun": cfg.class_noun,
-        "dreambooth.base_model": bundle.source_name,
-        "dreambooth.base_model_sha256": bundle.source_hash,
-        "dreambooth.train_config": cfg.to_json(),
-        "dreambooth.steps": str(steps),
+        meta.TITLE: Path(cfg.output).stem,
+        meta.TRIGGER_PHRASE: cfg.instance_prompt,
+        meta.IDENTIFIER: cfg.identifier,
+        meta.CLASS_NOUN: cfg.class_noun,
+        meta.BASE_MODEL: bundle.source_name,
+        meta.BASE_MODEL_SHA256: bundle.source_hash,
+        meta.TRAIN_CONFIG: cfg.to_json(),
+        meta.STEPS: str(steps),
     }
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(bundle, cfg.output, metadata, dtype=_SAVE_DTYPES[cfg.save_dtype])

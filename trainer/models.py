@@ -16,8 +16,9 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import (META_CONFIG_KEYS, META_PREDICTION_TYPE, TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY,
-                                VAE_PREFIX, ModelLoadError, modules_to_ldm, open_checkpoint, read_tensor, unet_to_ldm)
+from . import metadata as meta
+from .checkpoint import (TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, ModelLoadError, modules_to_ldm,
+                         open_checkpoint, read_tensor, unet_to_ldm)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
@@ -215,10 +216,10 @@ def _identify(path: Path, shapes: dict[str, tuple]) -> str:
 
 def _configs_from_metadata(path: Path, metadata: dict[str, str]) -> ModelConfigs | None:
     """The module configs our exporter stored in the file, if it did (that is how unusual shapes round-trip)."""
-    if not all(key in metadata for key in META_CONFIG_KEYS.values()):
+    if not all(key in metadata for key in meta.CONFIGS.values()):
         return None
     try:
-        return ModelConfigs(*(json.loads(metadata[META_CONFIG_KEYS[part]]) for part in ("unet", "vae", "text")))
+        return ModelConfigs(*(json.loads(metadata[meta.CONFIGS[part]]) for part in ("unet", "vae", "text")))
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} has unreadable dreambooth.*_config metadata ({exc}); export it again.") from exc
 
@@ -298,7 +299,7 @@ def comfy_sd2_prediction_type(ldm_weights: dict[str, torch.Tensor]) -> str:
 def _file_prediction_type(path: Path, metadata: dict[str, str], family: str, weights: dict[str, torch.Tensor],
                           has_v_pred_key: bool) -> str:
     # ModelSpec's key, then ComfyUI's CheckpointSave spelling of it.
-    stated = metadata.get(META_PREDICTION_TYPE) or metadata.get("modelspec.predict_key")
+    stated = metadata.get(meta.PREDICTION_TYPE) or metadata.get(meta.PREDICT_KEY)
     if stated:
         if stated in ("v", "v_prediction"):
             return "v_prediction"

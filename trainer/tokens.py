@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .prompts import class_prompt, instance_prompt
+
 DATA_DIR = Path(__file__).parent / "data"
 WORD_FINAL = "</w>"
 # Roman numerals are numbers even when written with letters ("iii", "xiv", "mmx").
@@ -224,8 +226,10 @@ def rank_identifiers(bundle, candidates: list[str], class_noun: str, *, seed: in
     if not candidates:
         return []
     latent_size = latent_size or min(32, bundle.unet.config.sample_size)
-    reference = encode_prompts(bundle, [f"a {class_noun}", ""], batch_size)
-    states = encode_prompts(bundle, [f"a {identifier} {class_noun}" for identifier in candidates], batch_size)
+    # One article for all ("a"), so that what is measured is the identifier alone, not "a" turning into "an".
+    reference = encode_prompts(bundle, [class_prompt(class_noun, "a"), ""], batch_size)
+    states = encode_prompts(bundle, [instance_prompt(identifier, class_noun, "a") for identifier in candidates],
+                            batch_size)
     token_ids = [tuple(_ids(bundle.tokenizer, identifier)) for identifier in candidates]
     class_start = 1 + len(_ids(bundle.tokenizer, "a"))  # after the start token and "a"
     text = [text_shift(reference[0], state, class_start, len(ids)) for state, ids in zip(states, token_ids)]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import metadata as meta
 from ..checkpoint import save_checkpoint
 from ..models import ModelBundle, build_bundle
 from . import world
@@ -238,7 +239,7 @@ def pretrain(out: Path, seed: int = 0, minutes: float = 40.0, n_images: int = 20
 
     ema = train_unet(bundle, means, stds, ids, unet_steps, batch, unet_lr, generator, start, deadline - 60)
     _adopt_ema(bundle, ema)
-    metadata = {"modelspec.title": "DreamBooth toy base (trainer.toy)",
+    metadata = {meta.TITLE: "DreamBooth toy base (trainer.toy)",
                 "dreambooth.toy_world": f"seed={seed} images={n_images} vae_steps={vae_steps} "
                                         f"unet_steps={unet_steps} batch={batch}"}
     save_checkpoint(bundle, out, metadata, dtype=torch.float16)
