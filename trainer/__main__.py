@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import quiet
 from .config import ConfigError, TrainConfig
 from .prompts import class_prompt
 
@@ -20,11 +21,16 @@ _SECTIONS = {"base_model": "what to learn", "with_prior_preservation": "prior pr
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    quiet.install()
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, MemoryError) as error:
+    except (ConfigError, ValueError, OSError, MemoryError) as error:  # OSError: files, folders, disk space
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: whatever was being written is left as it was before
+        print("\nInterrupted. Files already written are complete; a training state being saved was not replaced, "
+              "so the last complete one is kept.", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     priors.add_argument("--model", required=True, help="base checkpoint (.safetensors) or diffusers folder")
     priors.add_argument("--class-noun", required=True, help="what the subject is, e.g. dog")
     priors.add_argument("--count", type=int, default=200, help="how many images (200)")
-    priors.add_argument("--cache", default="dreambooth_priors", help="cache folder (./dreambooth_priors)")
+    priors.add_argument("--cache", help="cache folder (default: the one train uses too, "
+                        "$XDG_CACHE_HOME or ~/.cache, then dreambooth-studio/class-images)")
     _add_sampling_options(priors, steps=30)
     priors.set_defaults(run=_priors)
 
@@ -84,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_options(parser, steps: int) -> None:
-    parser.add_argument("--size", type=int, default=512, help="image width and height in pixels (512)")
+    parser.add_argument("--size", type=int, help="image width and height in pixels (default: the model's own, "
+                                                 "512 for SD 1.5)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps ({steps})")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (7.5)")
     parser.add_argument("--sampler", default="euler_a", help="ddim, euler, euler_a or dpmpp_2m (euler_a)")
@@ -97,10 +105,10 @@ def _add_config_options(parser) -> None:
         if f.name in _SECTIONS:
             group = parser.add_argument_group(_SECTIONS[f.name])
         flags = [f"--{f.name.replace('_', '-')}"] + _ALIASES.get(f.name, [])
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
         if f.type == "bool":
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_text)
+                               help=f"{help_text} (default: {'on' if f.default else 'off'})")
         elif f.type == "list[str]":
             group.add_argument(*flags, dest=f.name, action="append", default=[], help=help_text + " Repeatable.")
         else:
@@ -123,11 +131,13 @@ def _pick_token(args) -> int:
 
 def _priors(args) -> int:
     from .api import class_images
+    from .priors import default_cache_root
+    progress = Progress("Class images", args.count)
     paths = class_images(
-        args.model, class_prompt(args.class_noun), count=args.count, cache_root=args.cache, size=args.size,
-        steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, log=_log,
-        on_progress=lambda done, total: print(f"\rclass images {done}/{total}", end="", flush=True))
-    print(f"\n{len(paths)} class images in {paths[0].parent}")
+        args.model, class_prompt(args.class_noun), count=args.count, cache_root=args.cache or default_cache_root(),
+        size=args.size, steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed, log=_log,
+        on_progress=lambda done, total: progress.update(done))
+    print(f"{len(paths)} class images in {paths[0].parent}")
     return 0
 
 
@@ -142,7 +152,7 @@ def _train(args) -> int:
     except TrainingCancelled as cancelled:
         print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
-    print(f"\nSaved {result.output} after {result.steps} steps. Prompt with: {cfg.instance_prompt!r}")
+    print(f"Saved {result.output} after {result.steps} steps. Prompt with: {cfg.instance_prompt!r}")
     return 0
 
 
@@ -151,13 +161,38 @@ def _sample(args) -> int:
     prompts = [p for p in args.prompt for _ in range(args.count)]
     seeds = [args.seed + i for i in range(len(prompts))]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = sample(args.model, prompts, seeds=seeds, size=args.size, steps=args.steps, guidance=args.guidance,
-                    sampler=args.sampler, log=_log)
-    for i, (image, seed) in enumerate(zip(images, seeds)):
-        image.save(out / f"{i:03d}-seed{seed}.png")
-    print(f"{len(images)} images in {out}")
+    _check_writable(out)
+    names = [f"{i:03d}-{_slug(prompt)}-seed{seed}.png" for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
+    progress = Progress("Images", len(prompts))
+
+    def save(index, image):  # each as soon as it is drawn: a Ctrl-C keeps the ones done
+        image.save(out / names[index])
+        progress.update(index + 1)
+
+    try:
+        sample(args.model, prompts, seeds=seeds, size=args.size, steps=args.steps, guidance=args.guidance,
+               sampler=args.sampler, log=_log, on_image=save)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {progress.done} of {len(prompts)} images are in {out}.", file=sys.stderr)
+        return 130
+    print(f"{len(prompts)} images in {out}")
     return 0
+
+
+def _slug(prompt: str) -> str:
+    """A file-name part that says which prompt made the image: 'a zwx dog on the beach' -> 'a-zwx-dog-on-the-beach'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in prompt.lower()).split())[:60] or "prompt"
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--out: cannot write into {folder} ({error.strerror or error}); choose a folder you can "
+                      "write to") from None
 
 
 def _demo(args) -> int:
@@ -170,35 +205,86 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+class Progress:
+    """A progress bar on a terminal; in a log file (not a terminal), a line at every tenth of the way and at least
+    every minute, so a log shows progress without a line per image or step."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.last_line, self.last_tenth, self.open = 0.0, -1, False
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        now, tenth = time.monotonic(), done * 10 // self.total
+        if self.tty:
+            if now - self.last_line < 0.2 and done < self.total:
+                return
+            filled = self.WIDTH * done // self.total
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} {extra}".rstrip() + "  ")
+            self.open = done < self.total
+            if not self.open:
+                self.stream.write("\n")
+        elif tenth > self.last_tenth or now - self.last_line >= 60 or done == self.total:
+            self.stream.write(f"{self.label} {done}/{self.total} {extra}".rstrip() + "\n")
+            self.last_tenth = tenth
+        else:
+            return
+        self.last_line = now
+        self.stream.flush()
+
+    def interrupt(self) -> None:
+        """Another line is about to be printed: leave the bar's line first."""
+        if self.open:
+            self.stream.write("\n")
+            self.open = False
+
+
 class _ConsolePrinter:
-    """One status line per step; the first Ctrl-C asks the loop to stop cleanly, a second one kills."""
+    """A progress bar for the steps and the class images; the first Ctrl-C asks the loop to stop cleanly (it saves a
+    resumable state), a second one stops at once."""
 
     def __init__(self):
         self.stop = False
-        self.last_print = 0.0
+        self.bars: dict[str, Progress] = {}
 
     def request_stop(self, *_):
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        print("\nStopping after this step (Ctrl-C again to kill)...", flush=True)
+        self._interrupt_bars()
+        print("Stopping after this step and saving a resumable state (Ctrl-C again to stop at once)...", flush=True)
 
     def should_stop(self) -> bool:
         return self.stop
 
+    def on_progress(self, what: str, done: int, total: int) -> None:
+        self._bar(what, total).update(done)
+
     def on_step(self, info) -> None:
-        now = time.monotonic()
-        if now - self.last_print < 0.5 and info.step < info.total:
-            return
-        self.last_print = now
-        print(f"\rstep {info.step}/{info.total}  loss {info.loss:.4f} (subject {info.instance_loss:.4f}, "
-              f"prior {info.prior_loss:.4f})  lr {info.lr:.2e}  left {_duration(info.eta_s)}   ", end="", flush=True)
+        self._bar("Training", info.total).update(
+            info.step, f"loss {info.loss:.4f} (subject {info.instance_loss:.4f}, prior {info.prior_loss:.4f}) "
+                       f"lr {info.lr:.2e}, {_duration(info.eta_s)} left")
 
     def on_samples(self, step, images) -> None:
         pass
 
     def log(self, message: str) -> None:
+        self._interrupt_bars()
         print(message, flush=True)
+
+    def _bar(self, what: str, total: int) -> Progress:
+        if what not in self.bars or self.bars[what].total != max(total, 1):
+            self.bars[what] = Progress(what, total)
+        return self.bars[what]
+
+    def _interrupt_bars(self) -> None:
+        for bar in self.bars.values():
+            bar.interrupt()
 
 
 def _duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ from .device import inference_dtype, resolve_device
 from .models import ModelBundle, load_model
 from .phases import PROBING, SAMPLING, Phase
 from .priors import make_class_priors
-from .sampling import sample_images
+from .sampling import native_size, sample_images
 from .tokens import RankedToken, candidate_identifiers, rank_identifiers
 
 Log = Callable[[str], None]
@@ -42,24 +42,28 @@ def probe_identifiers(bundle: ModelBundle, class_noun: str, *, candidates: int, 
         return rank_identifiers(bundle, pool, class_noun, seed=seed, shortlist=shortlist)
 
 
-def class_images(model: str, class_prompt: str, *, count: int, cache_root: str | Path, size: int = 512,
+def class_images(model: str, class_prompt: str, *, count: int, cache_root: str | Path, size: int | None = None,
                  steps: int = 30, guidance: float = 7.5, sampler: str = "euler_a", seed: int = 0,
                  device: str = "auto", log: Log | None = None,
                  on_progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Paths of `count` cached class images of `class_prompt` (trainer/priors.py), generating only the missing."""
+    """Paths of `count` cached class images of `class_prompt` (trainer/priors.py), generating only the missing; `size`
+    by default the model's own."""
     device = resolve_device(device)
     bundle = load_model(model, dtype=inference_dtype(device))
+    size = size or native_size(bundle)
     return make_class_priors(bundle, class_prompt, count=count, cache_root=cache_root, device=device, log=log,
                              width=size, height=size, steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                              on_progress=on_progress)
 
 
-def sample(model: str, prompts: list[str], *, seeds: list[int], size: int = 512, steps: int = 30,
+def sample(model: str, prompts: list[str], *, seeds: list[int], size: int | None = None, steps: int = 30,
            guidance: float = 7.5, sampler: str = "euler_a", device: str = "auto", log: Log | None = None,
            on_image: Callable[[int, object], None] | None = None) -> list:
-    """One PIL image per (prompt, seed), drawn from the checkpoint in half precision where the GPU has it."""
+    """One PIL image per (prompt, seed), drawn from the checkpoint in half precision where the GPU has it; `size` by
+    default the model's own."""
     device = resolve_device(device)
     bundle = load_model(model, dtype=inference_dtype(device))
+    size = size or native_size(bundle)
     with Phase(SAMPLING, device, log=log, advice="Lower the size, or close other programs that use the GPU."):
         return sample_images(bundle, prompts, seeds=seeds, width=size, height=size, steps=steps, guidance=guidance,
                              sampler=sampler, device=device, on_image=on_image)

@@ -29,6 +29,9 @@ class Callbacks:
     def on_samples(self, step: int, images: list) -> None:
         """Preview images (PIL) made every `sample_every` steps and at the end."""
 
+    def on_progress(self, what: str, done: int, total: int) -> None:
+        """Progress of work before the steps, e.g. ("Class images", 37, 200)."""
+
     def log(self, message: str) -> None:
         pass
 

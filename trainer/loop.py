@@ -7,8 +7,6 @@ when the caller cancels; running the same config again continues from it and end
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -23,23 +21,22 @@ from . import state as state_io
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .dataset import SubjectImage, image_fingerprint, load_image_folder, to_training_tensor
+from .dataset import SubjectImage, load_image_folder, to_training_tensor
 from .device import describe, has_native_bf16, inference_dtype, resolve_device, resolve_precision, total_memory
 from .fused import FusedBackward, PerTensorOptimizer
+from .locking import exclusive
 from .loss import dreambooth_loss, prediction_target
 from .models import ModelBundle, load_model
 from .optim import make_lr_scheduler, make_optimizer
+from .output import check_output, check_writable, save_dtype
 from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
 from .presets import apply_preset, describe_levers
-from .priors import load_prior_images, make_class_priors
+from .priors import default_cache_root, load_prior_images, make_class_priors
+from .provenance import Provenance
 from .randomness import StepRandomness
 from .sampling import sample_images, size_multiple
+from .tokens import identifier_warnings
 
-# Settings that do not change what is learned; a saved state stays valid when only these differ. (Not channels_last:
-# 8-bit AdamW's saved moments are flat memory in the layout of the run that made them; see trainer/speed.py.)
-_NOT_LEARNING = ("output", "checkpoint_every", "resume", "sample_every", "sample_prompts", "save_dtype", "device",
-                 "prior_cache_dir", "compile_unet", "memory_preset")  # (a preset's levers are counted themselves)
-_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -73,7 +70,8 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     if cfg.compile_unet:
         speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
-    with torch.inference_mode(False), torch.enable_grad():
+    check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
+    with torch.inference_mode(False), torch.enable_grad(), exclusive(cfg.output):
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
             bundle = load_model(cfg.base_model, cfg.prediction_type or None)
@@ -92,6 +90,9 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     elif not 1 <= len(instance_images) <= 100:
         raise ConfigError(f"instance images: got {len(instance_images)}; DreamBooth needs 3-5 photos of one subject "
                           "(1 to 100 are accepted)")
+    check_output(cfg, bundle, Provenance.of(cfg, bundle, instance_images).request(), callbacks.log)
+    for warning in _warnings(cfg, bundle, instance_images):
+        callbacks.log(f"Warning: {warning}")
     if not cfg.with_prior_preservation:
         class_images = []
     elif class_images is None:
@@ -103,28 +104,28 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
     state_dir = state_io.state_dir_for(cfg.output)
-    fingerprint = _fingerprint(cfg, bundle, instance_images, class_images)
+    provenance = Provenance.of(cfg, bundle, instance_images, class_images)
     modules = {"unet": bundle.unet}
     if cfg.train_text_encoder:
         modules["text_encoder"] = bundle.text_encoder
     with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
-                                      state_dir, fingerprint)
+                                      state_dir, provenance)
     del latents, text  # the last of the run on the GPU: saving needs none of it
     with Phase(SAVING, device, log=callbacks.log, host_only=True):
         try:
-            _save_output(cfg, bundle, result.steps)
+            _save_output(cfg, bundle, result.steps, provenance)
         except OSError:
             with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
-                state_io.save_finished_state(state_dir, fingerprint=fingerprint, position=position,
-                                             modules=modules, losses=result.losses)
+                state_io.save_finished_state(state_dir, fingerprint=provenance.fingerprint(), position=position,
+                                             modules=modules, losses=result.losses, made_from=provenance.to_dict())
             raise
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
     return result
 
 
 def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
-               fingerprint) -> tuple[TrainResult, state_io.Position]:
+               provenance: Provenance) -> tuple[TrainResult, state_io.Position]:
     """The steps and the final previews, with the trained modules and the optimizer on the device; both leave it
     when this returns."""
     device = phase.device
@@ -138,16 +139,16 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
-    position, losses = _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler,
+    position, losses = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler,
                                callbacks)
     if cfg.channels_last:
         speed.match_state_layout(optimizer)
     resumed_from = position.step
 
     def save_state():
-        state_io.save_state(state_dir, fingerprint=fingerprint, position=position, modules=modules,
+        state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
                             optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
-                            losses=losses)
+                            losses=losses, made_from=provenance.to_dict())
 
     started = time.monotonic()
     while position.step < cfg.max_train_steps:
@@ -311,7 +312,7 @@ class TextConditioning:
 def _class_images(cfg, bundle, callbacks, device):
     if cfg.class_dir:
         return load_image_folder(cfg.class_dir, max_images=100_000)[:cfg.num_class_images]
-    cache_root = cfg.prior_cache_dir or str(Path(cfg.output).resolve().parent / ".dreambooth_priors")
+    cache_root = cfg.prior_cache_dir or str(default_cache_root())
     callbacks.log(f"Class images: {cfg.num_class_images} of {cfg.class_prompt!r} (cached in {cache_root})")
     paths = make_class_priors(
         bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
@@ -322,7 +323,7 @@ def _class_images(cfg, bundle, callbacks, device):
 
 
 def _prior_progress(callbacks, done: int, total: int, cache_root: str) -> None:
-    callbacks.log(f"Class images {done}/{total}")
+    callbacks.on_progress("Class images", done, total)
     if done < total and callbacks.should_stop():
         raise TrainingCancelled(0, cache_root)  # the images made so far stay in the cache
 
@@ -403,14 +404,17 @@ def _training_advice(cfg, state_dir: Path) -> str:
             f"{cfg.resolution}, batch size {cfg.batch_size}; close other programs that use the GPU. {kept}")
 
 
-def _fingerprint(cfg, bundle, instance_images, class_images) -> str:
-    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in _NOT_LEARNING}
-    parts = [json.dumps(settings, sort_keys=True), bundle.source_hash, bundle.source_name,
-             image_fingerprint(instance_images), image_fingerprint(class_images)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+def _warnings(cfg, bundle, instance_images) -> list[str]:
+    """What is allowed but will likely disappoint: a known or ordinary word as the identifier, too few photos."""
+    warnings = identifier_warnings(cfg.identifier, bundle.tokenizer)
+    if len(instance_images) < 3:
+        warnings.append(f"{len(instance_images)} photo{'s' if len(instance_images) > 1 else ''} of the subject: "
+                        "DreamBooth needs 3-5, from different angles and backgrounds, to learn the subject rather "
+                        "than the photo")
+    return warnings
 
 
-def _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
+def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
     fresh = state_io.Position(0, [], 0), []
     if not cfg.resume:
         return fresh
@@ -418,8 +422,10 @@ def _resume(cfg, state_dir, fingerprint, modules, optimizer, lr_scheduler, rando
         meta = state_io.read_state_meta(candidate)
         if meta is None:
             continue
-        if meta["fingerprint"] != fingerprint:
-            callbacks.log(f"Not resuming from {candidate}: it was saved with other settings or images")
+        if meta["fingerprint"] != provenance.fingerprint():
+            differences = "; ".join(provenance.differences(meta.get("made_from")))
+            callbacks.log(f"Not resuming from {candidate}: it was saved by a run made from {differences}. "
+                          "Training starts again; the old state is replaced when this run saves one")
             return fresh
         position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
                                        lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler)
@@ -448,7 +454,7 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
         return []
 
 
-def _save_output(cfg, bundle, steps: int) -> None:
+def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
     for module in (bundle.unet, bundle.text_encoder, bundle.vae):
         module.to("cpu").eval()
     metadata = {
@@ -460,6 +466,7 @@ def _save_output(cfg, bundle, steps: int) -> None:
         meta.BASE_MODEL_SHA256: bundle.source_hash,
         meta.TRAIN_CONFIG: cfg.to_json(),
         meta.STEPS: str(steps),
+        meta.REQUEST: provenance.request(),
     }
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(bundle, cfg.output, metadata, dtype=_SAVE_DTYPES[cfg.save_dtype])
+    save_checkpoint(bundle, cfg.output, metadata, dtype=save_dtype(cfg.save_dtype))

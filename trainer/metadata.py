@@ -18,3 +18,4 @@ BASE_MODEL = "dreambooth.base_model"
 BASE_MODEL_SHA256 = "dreambooth.base_model_sha256"
 TRAIN_CONFIG = "dreambooth.train_config"
 STEPS = "dreambooth.steps"
+REQUEST = "dreambooth.request"  # trainer/provenance.py: the settings, base model and photos it was trained from

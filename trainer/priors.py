@@ -30,6 +30,12 @@ MANIFEST = "manifest.json"
 TEMP_SUFFIX = ".tmp"
 
 
+def default_cache_root() -> Path:
+    """Where the command line caches class images unless told otherwise, shared by `priors` and `train`:
+    $XDG_CACHE_HOME/dreambooth-studio/class-images, or ~/.cache/... when XDG_CACHE_HOME is not set."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dreambooth-studio" / "class-images"
+
+
 def model_fingerprint(bundle: ModelBundle) -> str:
     """bundle.source_hash when known, else a sha256 over the UNet, text-encoder and VAE weights.
 

@@ -57,6 +57,11 @@ def size_multiple(bundle: ModelBundle) -> int:
     return math.lcm(bundle.vae_scale_factor * unet_factor, PIPELINE_SIZE_MULTIPLE)
 
 
+def native_size(bundle: ModelBundle) -> int:
+    """The image size the model was made for: 512 for SD 1.5, 768 for SD 2.1-768, 32 for the toy model."""
+    return bundle.unet.config.sample_size * bundle.vae_scale_factor
+
+
 def validate_settings(bundle: ModelBundle, *, width: int, height: int, steps: int, sampler: str) -> None:
     """Raise ValueError with an actionable message for settings sampling cannot use."""
     _check_sampler(sampler)

@@ -34,14 +34,9 @@ def state_dir_for(output: str) -> Path:
 
 
 def save_state(directory: Path, *, fingerprint: str, position: Position, modules: dict[str, torch.nn.Module],
-               optimizer, lr_scheduler, randomness, scaler, losses: list[float]) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_weights(modules), tmp / WEIGHTS)
+               optimizer, lr_scheduler, randomness, scaler, losses: list[float], made_from: dict | None = None) -> None:
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
-    save_file(opt_tensors, tmp / OPTIMIZER)
     meta = {
         "format": STATE_FORMAT,
         "fingerprint": fingerprint,
@@ -52,22 +47,34 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
         "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "losses": losses,
+        "made_from": made_from,  # trainer/provenance.py: to say what differs when a run does not resume
     }
-    (tmp / "state.json").write_text(json.dumps(meta))
-    _swap_in(tmp, directory)
+    _write(directory, {WEIGHTS: _weights(modules), OPTIMIZER: opt_tensors}, meta)
 
 
 def save_finished_state(directory: Path, *, fingerprint: str, position: Position,
-                        modules: dict[str, torch.nn.Module], losses: list[float]) -> None:
+                        modules: dict[str, torch.nn.Module], losses: list[float], made_from: dict | None = None) -> None:
     """A run whose steps are all done but whose output could not be written: its weights only (no more steps will
     need the optimizer), so that running it again only saves."""
+    meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
+            "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses,
+            "made_from": made_from}
+    _write(directory, {WEIGHTS: _weights(modules)}, meta)
+
+
+def _write(directory: Path, tensor_files: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """The whole state into a folder beside `directory`, then swapped in; a write that fails (full disk, Ctrl-C)
+    leaves the previous state as it was and nothing of its own behind."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_weights(modules), tmp / WEIGHTS)
-    meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
-            "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses}
-    (tmp / "state.json").write_text(json.dumps(meta))
+    try:
+        tmp.mkdir(parents=True)
+        for name, tensors in tensor_files.items():
+            save_file(tensors, tmp / name)
+        (tmp / "state.json").write_text(json.dumps(meta))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _swap_in(tmp, directory)
 
 
