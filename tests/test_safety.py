@@ -16,11 +16,10 @@ import trainer.output
 import trainer.state
 from tests.tiny import one_thread, tiny_bundle  # noqa: F401  (autouse: one torch thread in this module)
 from trainer.__main__ import Progress, main
-from trainer.checkpoint import read_metadata, save_checkpoint
+from trainer.checkpoint import save_checkpoint
 from trainer.config import ConfigError, TrainConfig
 from trainer.locking import exclusive
 from trainer.quiet import install as install_quiet
-from trainer.state import state_dir_for
 
 
 @pytest.fixture(scope="module")
