@@ -33,7 +33,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.models import ModelBundle, ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs  # noqa: E402,E501
+from trainer.bundle import ModelBundle  # noqa: E402
+from trainer.models import ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs  # noqa: E402
 from trainer.presets import PRESETS, short_name  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probe.py"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tests.tiny import tiny_bundle
 from trainer import checkpoint
 from trainer.checkpoint import output_path, read_metadata, save_checkpoint
-from trainer.models import ModelBundle
+from trainer.bundle import ModelBundle
 
 MODULES = ("unet", "vae", "text_encoder")
 CALLER_METADATA = {

@@ -38,3 +38,35 @@ def test_pack_entry_imports_nothing_heavy_at_import_time():
     tree = ast.parse((ROOT / "__init__.py").read_text())
     top_level_imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert top_level_imports == []
+
+
+def engine_import_graph() -> dict[str, set[str]]:
+    """trainer's modules -> the trainer modules each imports (TYPE_CHECKING imports too: a cycle there is one too)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in sorted((ROOT / "trainer").rglob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+                for alias in node.names:  # `from . import speed` imports the module trainer.speed
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = targets
+    return graph
+
+
+def test_the_engine_has_no_import_cycles():
+    graph = engine_import_graph()
+    assert "trainer.bundle" in graph["trainer.checkpoint"] and "trainer.models" not in graph["trainer.checkpoint"]
+
+    def visit(node, path):
+        assert node not in path, f"import cycle: {' -> '.join([*path[path.index(node):], node])}"
+        for target in graph.get(node, ()):
+            visit(target, [*path, node])
+
+    for module in graph:
+        visit(module, [])
+

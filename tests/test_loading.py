@@ -16,7 +16,8 @@ from tests.test_checkpoint import MODULES, distinct_bundle, randomized
 from tests.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
 from trainer import models
 from trainer.checkpoint import ldm_state_dict, read_metadata, save_checkpoint
-from trainer.models import ModelBundle, ModelLoadError, build_bundle, file_sha256, load_model, shipped_configs
+from trainer.bundle import ModelBundle
+from trainer.models import ModelLoadError, build_bundle, file_sha256, load_model, shipped_configs
 
 V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"  # ComfyUI's SD2 v-pred probe
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.models import ModelBundle, build_bundle
+from trainer.bundle import ModelBundle
+from trainer.models import build_bundle
 
 # The DreamBooth dataset photos, in the shared folder that sits beside the repository (here and in CI).
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"

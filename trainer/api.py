@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 
+from .bundle import ModelBundle
 from .device import inference_dtype, resolve_device
-from .models import ModelBundle, load_model
+from .models import load_model
 from .phases import PROBING, SAMPLING, Phase
 from .priors import make_class_priors
 from .sampling import native_size, sample_images

@@ -18,6 +18,7 @@ import torch
 from . import metadata as meta
 from . import speed
 from . import state as state_io
+from .bundle import ModelBundle
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -26,7 +27,7 @@ from .device import describe, has_native_bf16, inference_dtype, resolve_device, 
 from .fused import FusedBackward, PerTensorOptimizer
 from .locking import exclusive
 from .loss import dreambooth_loss, prediction_target
-from .models import ModelBundle, load_model
+from .models import load_model
 from .optim import make_lr_scheduler, make_optimizer
 from .output import check_output, check_writable, save_dtype
 from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase

@@ -5,7 +5,6 @@ import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import metadata as meta
+from .bundle import ModelBundle
 from .checkpoint import (TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, ModelLoadError, modules_to_ldm,
                          open_checkpoint, read_tensor, unet_to_ldm)
 
@@ -26,29 +26,6 @@ TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
 # SD1's CLIP-L pads with <|endoftext|>; SD2's OpenCLIP-H pads with "!" (id 0), as its original code did.
 PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-@dataclass
-class ModelBundle:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
-    family: str  # "sd1" or "sd2"
-    source_name: str = ""  # file or folder name of the base model
-    source_hash: str = ""  # sha256 of the base model file ("" when unknown)
-    # Tensors of the base single-file checkpoint that diffusers does not use (e.g. SD2's last OpenCLIP layer),
-    # written back unchanged on export so the result is as complete as the file it came from.
-    passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 def load_tokenizer(family: str) -> CLIPTokenizer:

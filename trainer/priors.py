@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from .atomic import replacing
+from .bundle import ModelBundle
 from .device import inference_dtype
-from .models import ModelBundle
 from .phases import CLASS_IMAGES, OutOfMemory, Phase
 from .sampling import sample_images, validate_settings
 

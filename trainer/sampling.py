@@ -20,7 +20,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from .models import ModelBundle
+from .bundle import ModelBundle
 from .phases import borrowed
 
 # Sampler name -> scheduler class and the settings that make it the sampler users know by that name.

@@ -13,7 +13,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..callbacks import Callbacks
-from ..models import ModelBundle, load_model
+from ..bundle import ModelBundle
+from ..models import load_model
 from . import experiment as ex
 from . import world
 from .evaluators import load_evaluators

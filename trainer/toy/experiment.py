@@ -18,7 +18,8 @@ from ..callbacks import Callbacks, StepInfo
 from ..config import TrainConfig
 from ..dataset import to_training_tensor
 from ..loop import train
-from ..models import ModelBundle, load_model
+from ..bundle import ModelBundle
+from ..models import load_model
 from ..sampling import image_grid, sample_images
 from . import world
 from .evaluators import Evaluators, named_attributes

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import metadata as meta
+from ..bundle import ModelBundle
 from ..checkpoint import save_checkpoint
-from ..models import ModelBundle, build_bundle
+from ..models import build_bundle
 from . import world
 
 TEXT_HIDDEN = 96

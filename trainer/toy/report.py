@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import ModelBundle, load_model
+from ..bundle import ModelBundle
+from ..models import load_model
 from . import experiment as ex
 from .evaluators import load_evaluators
 
