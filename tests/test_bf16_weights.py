@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import trainer.device
 import trainer.fused
 import trainer.loop
 from trainer.__main__ import main
@@ -338,7 +339,7 @@ def test_precisions_other_than_bf16_are_refused_with_the_fix(images, tmp_path, p
 
 
 def test_a_gpu_without_bf16_is_refused_before_loading(images, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.loop, "resolve_precision", lambda name, device: torch.float16)
+    monkeypatch.setattr(trainer.device, "resolve_precision", lambda name, device: torch.float16)
     with pytest.raises(ConfigError, match="bf16_weights: this GPU has no bf16"):
         train(config(images, tmp_path, bf16_weights=True, mixed_precision="auto"), bundle=tiny_bundle("sd1"))
 

@@ -194,8 +194,8 @@ def test_fp16_is_refused_with_advice(images, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="fused_backward.*bf16"):
         config(images, tmp_path, fused_backward=True, mixed_precision="fp16").validate()
     # 'auto' means fp16 on a GPU without bf16: refused before any loading
-    import trainer.loop
-    monkeypatch.setattr(trainer.loop, "resolve_precision", lambda name, device: torch.float16)
+    import trainer.device
+    monkeypatch.setattr(trainer.device, "resolve_precision", lambda name, device: torch.float16)
     with pytest.raises(ConfigError, match="fused_backward.*'no'"):
         train(config(images, tmp_path, fused_backward=True, mixed_precision="auto"), bundle=tiny_bundle("sd1"))
 

@@ -1,6 +1,7 @@
 """The device and precision policy of a run, in one place for every host (command line, ComfyUI nodes, benchmark).
 
-Training computes in the autocast dtype that `resolve_precision` picks; everything that only draws (class images,
+A memory preset (trainer/presets.py says what each sets) is resolved for the device at hand; training computes in
+the autocast dtype that `training_precision` picks; everything that only draws (class images,
 previews, token probing, encoding the photos) runs its frozen weights in `inference_dtype`: bf16 where the GPU has it
 in hardware, fp16 on older GPUs, fp32 on the CPU (where half precision is slow or missing).
 """
@@ -10,6 +11,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .config import ConfigError, TrainConfig
+from .presets import apply_preset, describe_levers
 
 GIB = 2 ** 30
 
@@ -58,6 +62,35 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def training_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The training step's autocast dtype for this config on this device (None: fp32), or ConfigError for levers the
+    device cannot give: bf16_weights computes in bf16 ('auto' means bf16 with it, the CPU included), and
+    fused_backward cannot use fp16's loss scaling."""
+    precision = resolve_precision(cfg.mixed_precision, device)
+    if cfg.bf16_weights:
+        if precision is None and cfg.mixed_precision == "auto":
+            precision = torch.bfloat16
+        elif precision != torch.bfloat16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16' and 'no')
+            raise ConfigError("bf16_weights: this GPU has no bf16, so its weights cannot be kept in bf16 "
+                              "(mixed_precision 'auto' means fp16 here); turn bf16_weights off")
+    if cfg.fused_backward and precision == torch.float16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16')
+        raise ConfigError("fused_backward: this GPU has no bf16, so mixed_precision 'auto' means fp16, whose loss "
+                          "scaling must see every gradient before any step; set mixed_precision to 'no' or turn "
+                          "fused_backward off")
+    return precision
+
+
+def with_memory_preset(cfg: TrainConfig, device: torch.device, log) -> TrainConfig:
+    """`cfg` with its memory preset's levers for this device (trainer/presets.py), and a log line saying which."""
+    if cfg.memory_preset == "custom":
+        return cfg
+    resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device),
+                            total_memory=total_memory(device))
+    chosen = resolved.memory_preset if resolved is not cfg else "none: the settings as given"
+    log(f"Memory preset {cfg.memory_preset!r} on {describe(device)}: {chosen}; {describe_levers(resolved)}")
+    return resolved
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:

@@ -23,7 +23,7 @@ from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .dataset import SubjectImage, load_image_folder, to_training_tensor
-from .device import describe, has_native_bf16, inference_dtype, resolve_device, resolve_precision, total_memory
+from .device import inference_dtype, resolve_device, training_precision, with_memory_preset
 from .fused import FusedBackward, PerTensorOptimizer
 from .locking import exclusive
 from .loss import dreambooth_loss, prediction_target
@@ -31,7 +31,6 @@ from .models import load_model
 from .optim import make_lr_scheduler, make_optimizer
 from .output import check_output, check_writable, save_dtype
 from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
-from .presets import apply_preset, describe_levers
 from .priors import default_cache_root, load_prior_images, make_class_priors
 from .provenance import Provenance
 from .randomness import StepRandomness
@@ -58,16 +57,10 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     cfg.class_dir, else the prior cache (generated on demand)."""
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
-    cfg = _with_memory_preset(cfg, device, callbacks).validate()
+    cfg = with_memory_preset(cfg, device, callbacks.log).validate()
     if instance_images is None and not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
-    precision = resolve_precision(cfg.mixed_precision, device)
-    if cfg.bf16_weights:
-        precision = _bf16_weights_precision(cfg, precision)
-    if cfg.fused_backward and precision == torch.float16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16')
-        raise ConfigError("fused_backward: this GPU has no bf16, so mixed_precision 'auto' means fp16, whose loss "
-                          "scaling must see every gradient before any step; set mixed_precision to 'no' or turn "
-                          "fused_backward off")
+    precision = training_precision(cfg, device)
     if cfg.compile_unet:
         speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
@@ -205,27 +198,6 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
 def to_host(*values: torch.Tensor) -> list[float]:
     """The values as Python floats in one transfer: the step's one wait for the GPU."""
     return torch.stack([value.detach() for value in values]).tolist()
-
-
-def _with_memory_preset(cfg: TrainConfig, device: torch.device, callbacks: Callbacks) -> TrainConfig:
-    if cfg.memory_preset == "custom":
-        return cfg
-    resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device),
-                            total_memory=total_memory(device))
-    chosen = resolved.memory_preset if resolved is not cfg else "none: the settings as given"
-    callbacks.log(f"Memory preset {cfg.memory_preset!r} on {describe(device)}: {chosen}; "
-                  f"{describe_levers(resolved)}")
-    return resolved
-
-
-def _bf16_weights_precision(cfg: TrainConfig, precision: torch.dtype | None) -> torch.dtype:
-    """bf16_weights computes in bf16 autocast: 'auto' means bf16 on every device, the CPU included."""
-    if precision is None and cfg.mixed_precision == "auto":
-        return torch.bfloat16
-    if precision != torch.bfloat16:  # 'auto' on a GPU without bf16 (validate refuses 'fp16' and 'no')
-        raise ConfigError("bf16_weights: this GPU has no bf16, so its weights cannot be kept in bf16 (mixed_precision "
-                          "'auto' means fp16 here); turn bf16_weights off")
-    return precision
 
 
 def _autocast(device: torch.device, precision: torch.dtype | None, cache_casts: bool = True):
