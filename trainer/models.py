@@ -20,17 +20,16 @@ from .bundle import ModelBundle
 from .checkpoint import (TEXT_PREFIX, UNET_PREFIX, V_PRED_KEY, VAE_PREFIX, ModelLoadError, modules_to_ldm,
                          open_checkpoint, read_tensor, unet_to_ldm)
 
+# One folder per family in diffusers' layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/):
+# the engine's configs and tokenizer, and what `from_single_file(path, config=<folder>)` needs to load our output.
 CONFIG_DIR = Path(__file__).parent / "configs"
-TOKENIZER_DIR = CONFIG_DIR / "clip_tokenizer"
-
-# SD1's CLIP-L pads with <|endoftext|>; SD2's OpenCLIP-H pads with "!" (id 0), as its original code did.
-PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def load_tokenizer(family: str) -> CLIPTokenizer:
-    """The CLIP BPE tokenizer shipped with the pack (identical for SD1 and SD2 apart from padding)."""
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=PAD_TOKEN[family])
+    """The family's CLIP BPE tokenizer from its shipped folder. Both families have the same vocabulary; SD1's CLIP-L
+    pads with <|endoftext|>, SD2's OpenCLIP-H with "!" (id 0), as its original code did."""
+    return CLIPTokenizer.from_pretrained(str(CONFIG_DIR / family / "tokenizer"))
 
 
 def make_noise_scheduler(prediction_type: str) -> DDPMScheduler:
@@ -73,8 +72,8 @@ class ModelConfigs(NamedTuple):
 
 def shipped_configs(family: str) -> ModelConfigs:
     """The full-size SD1.5 / SD2.1 configs shipped with the pack (nothing is fetched from a hub)."""
-    return ModelConfigs(*(json.loads((CONFIG_DIR / family / f"{name}.json").read_text())
-                          for name in ("unet", "vae", "text_encoder")))
+    return ModelConfigs(*(json.loads((CONFIG_DIR / family / part / "config.json").read_text())
+                          for part in ("unet", "vae", "text_encoder")))
 
 
 def load_model(path: str | os.PathLike, prediction_type: str | None = None, *,

@@ -1,0 +1,118 @@
+"""The shipped config folders (trainer/configs/sd1, sd2) are what diffusers needs to load our single-file output
+offline: `StableDiffusionPipeline.from_single_file(path, config=<folder>)`, no model hub."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable
+
+import diffusers
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from trainer.checkpoint import save_checkpoint
+from trainer.models import CONFIG_DIR, ModelBundle, build_bundle, load_tokenizer, make_noise_scheduler, shipped_configs
+
+PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD1.5 and SD2.1 (768-v)
+SCHEDULERS = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}  # what their diffusers repositories ship
+MODULES = ("unet", "vae", "text_encoder")
+
+
+def full_size_bundle(family: str) -> tuple[ModelBundle, Callable[[], None]]:
+    """SD1.5/SD2.1-shaped fp16 modules in seconds: built on the meta device, then each weight a copy of a random
+    window of one shared pool, so that no two tensors match by chance and a misplaced one cannot go unnoticed.
+    Also returns a function that makes the weights views of the pool: the same values without their 2-3 GB."""
+    configs = shipped_configs(family)
+    with torch.device("meta"):
+        bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text)
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.randn(1 << 26, generator=generator, dtype=torch.float16)
+    windows = []
+    for name in MODULES:
+        module = getattr(bundle, name).to(torch.float16)  # fp16 from the start: the file's dtype, half the memory
+        module.to_empty(device="cpu")
+        for parameter in module.parameters():
+            start = int(torch.randint(pool.numel() - parameter.numel(), (1,), generator=generator))
+            window = pool[start:start + parameter.numel()].view(parameter.shape)
+            parameter.data = window.clone()  # safetensors refuses to save tensors that share memory
+            windows.append((parameter, window))
+
+    def share_pool() -> None:
+        for parameter, window in windows:
+            parameter.data = window
+
+    return bundle, share_pool
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_two_tokenizer_folders_differ_only_in_the_pad_token():
+    # diffusers reads the tokenizer from <config>/tokenizer/ only, so each family carries the files; git stores
+    # identical files once, and this keeps them identical.
+    sd1, sd2 = CONFIG_DIR / "sd1" / "tokenizer", CONFIG_DIR / "sd2" / "tokenizer"
+    assert sorted(file.name for file in sd1.iterdir()) == sorted(file.name for file in sd2.iterdir())
+    for name in ("vocab.json", "merges.txt"):
+        assert (sd1 / name).read_bytes() == (sd2 / name).read_bytes(), name
+    config1, config2 = (json.loads((folder / "tokenizer_config.json").read_text()) for folder in (sd1, sd2))
+    assert {**config1, "pad_token": "!"} == config2
+    # SD1's CLIP-L pads with <|endoftext|>; SD2's OpenCLIP-H with "!", id 0, as its original code did.
+    assert (load_tokenizer("sd1").pad_token_id, load_tokenizer("sd2").pad_token_id) == (49407, 0)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_the_folder_scheduler_samples_the_schedule_we_train_with(family):
+    folder = CONFIG_DIR / family
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", SCHEDULERS[family]]
+    scheduler = getattr(diffusers, SCHEDULERS[family]).from_pretrained(str(folder), subfolder="scheduler",
+                                                                        local_files_only=True)
+    assert scheduler.config.prediction_type == PREDICTION_TYPES[family]
+    assert torch.equal(scheduler.alphas_cumprod, make_noise_scheduler(PREDICTION_TYPES[family]).alphas_cumprod)
+
+
+def test_sd2_epsilon_files_get_the_readme_scheduler():
+    # SD2's 512 px base models predict epsilon; the README passes this scheduler for them.
+    scheduler = DDIMScheduler.from_pretrained(str(CONFIG_DIR / "sd2"), subfolder="scheduler", prediction_type="epsilon",
+                                              local_files_only=True)
+    assert scheduler.config.prediction_type == "epsilon"
+    assert torch.equal(scheduler.alphas_cumprod, make_noise_scheduler("epsilon").alphas_cumprod)
+
+
+@pytest.mark.slow  # 15-20 s and 7-8 GB of RAM a family: without accelerate diffusers builds fp32 modules
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_diffusers_loads_our_checkpoint_with_the_shipped_folder(tmp_path, family):
+    bundle, share_pool = full_size_bundle(family)
+    path = tmp_path / f"{family}.safetensors"
+    save_checkpoint(bundle, path, {}, dtype=torch.float16)
+    share_pool()  # frees the copies before diffusers allocates its own modules
+
+    # diffusers reports unused checkpoint weights as a warning on its own logger, which does not propagate.
+    warnings = Warnings()
+    logging.getLogger("diffusers").addHandler(warnings)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(CONFIG_DIR / family),
+                                                        local_files_only=True)
+    finally:
+        logging.getLogger("diffusers").removeHandler(warnings)
+        path.unlink()  # 2-3 GB; pytest keeps the temporary folders of the last three runs
+    assert warnings.messages == []
+
+    # Same names and bit-identical values (diffusers loads fp32, an exact widening of the file's fp16): a weight
+    # diffusers did not find would keep its fresh initialisation.
+    for name in MODULES:
+        got, want = getattr(pipe, name).state_dict(), getattr(bundle, name).state_dict()
+        assert got.keys() == want.keys(), name
+        for key, tensor in want.items():
+            assert torch.equal(got[key], tensor.to(got[key].dtype)), f"{name}: {key}"
+    assert type(pipe.scheduler).__name__ == SCHEDULERS[family]
+    assert pipe.scheduler.config.prediction_type == PREDICTION_TYPES[family]
+    assert pipe.tokenizer.pad_token == load_tokenizer(family).pad_token
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
