@@ -12,8 +12,8 @@ import torch
 
 from trainer.models import ModelBundle, build_bundle
 
-# The DreamBooth dataset photos, in the shared folder that sits beside the repository (here and in CI).
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+# Photos from the DreamBooth dataset, downscaled to 256 px: dog/00-04, cat/00-02 (licence beside them).
+PHOTOS = Path(__file__).resolve().parent / "data" / "dreambooth"
 
 
 def tiny_unet_config(family: str) -> dict:
