@@ -23,7 +23,8 @@ from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
 from tests.test_fused import same_weights
 from tests.test_train import CrashAt, StopAfter, config, images  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 
 def bits(values) -> torch.Tensor:

@@ -39,7 +39,8 @@ from trainer.sampling import sample_images
 from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 WEIGHT_RTOL = 5e-3
 LOSS_RTOL = 1e-4

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from trainer.models import ModelBundle, build_bundle
@@ -73,10 +72,3 @@ def tiny_bundle(family: str = "sd1", prediction_type: str = "epsilon", seed: int
         module.eval()
     return bundle
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(threads)
