@@ -91,6 +91,7 @@ def test_one_tiny_run_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.reference  # a Python with torchvision and accelerate: this one (CI's reference step)
+@pytest.mark.slow
 def test_one_tiny_run_against_the_reference(tmp_path, capsys):
     table = _tiny_run(tmp_path, capsys, ["--reference-script", os.environ["DREAMBOOTH_REFERENCE_SCRIPT"],
                                          "--reference-python", sys.executable])

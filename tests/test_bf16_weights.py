@@ -171,6 +171,7 @@ def agreement(moved: torch.Tensor, reference: torch.Tensor, start: torch.Tensor)
         z_mean=z(error), z_shrink=z(shrink))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, fused", [("adamw", False), ("adamw", True), ("adamw8bit", False),
                                               ("adamw8bit", True)])
 def test_bf16_weights_learn_what_fp32_weights_learn(images, tmp_path, monkeypatch, optimizer, fused):

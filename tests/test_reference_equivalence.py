@@ -191,6 +191,7 @@ def posterior_differences(bundle, run, instance: Path, classes: Path) -> tuple[f
 
 
 @needs_reference
+@pytest.mark.slow
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["te_frozen", "te_trained"])
 def test_weights_match_the_reference_script(inputs, reference_runs, train_text_encoder, tmp_path):
     from trainer.config import TrainConfig
