@@ -94,7 +94,7 @@ def reference_runs(inputs):
             args = reference_args(model, instance, classes, case / "output", steps=STEPS,
                                   learning_rate=LEARNING_RATE, train_text_encoder=train_text_encoder,
                                   resolution=RESOLUTION, num_class_images=len(CLASS_SIZES))
-            runs[train_text_encoder] = run_reference(SCRIPT, args, case / "records")
+            runs[train_text_encoder] = run_reference(Path(SCRIPT).resolve(), args, case / "records")  # child runs elsewhere
         return runs[train_text_encoder]
 
     return get
