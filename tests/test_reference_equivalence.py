@@ -94,7 +94,8 @@ def reference_runs(inputs):
             args = reference_args(model, instance, classes, case / "output", steps=STEPS,
                                   learning_rate=LEARNING_RATE, train_text_encoder=train_text_encoder,
                                   resolution=RESOLUTION, num_class_images=len(CLASS_SIZES))
-            runs[train_text_encoder] = run_reference(Path(SCRIPT).resolve(), args, case / "records")  # child runs elsewhere
+            # resolved: the reference runs in another working directory
+            runs[train_text_encoder] = run_reference(Path(SCRIPT).resolve(), args, case / "records")
         return runs[train_text_encoder]
 
     return get
