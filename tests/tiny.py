@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.models import ModelBundle, build_bundle
@@ -72,3 +73,9 @@ def tiny_bundle(family: str = "sd1", prediction_type: str = "epsilon", seed: int
         module.eval()
     return bundle
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(one_thread):
+    """conftest.py's one_thread, autouse in modules that import it from here (as they did before conftest.py had it)."""
+    yield
