@@ -50,7 +50,7 @@ def match_state_layout(optimizer) -> None:
     into channels-last tensors, go back to contiguous too, as in a run never stopped: convolving with the other layout
     rounds differently, and a resumed run would no longer end where that run ends."""
     for opt in getattr(optimizer, "optimizers", [optimizer]):  # FusedBackward: one optimizer per tensor
-        eight_bit = type(opt).__module__.startswith("bitsandbytes")
+        eight_bit = any(cls.__module__.startswith("bitsandbytes") for cls in type(opt).__mro__)  # or a subclass
         for param, entries in opt.state.items():
             if param.dim() != 4:
                 continue
