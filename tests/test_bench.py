@@ -1,7 +1,9 @@
 """bench/dreambooth_bench.py works: settings parse, FLOPs are counted, the table has its ratio columns, and one tiny run
-end to end (with the reference script when a copy of it and its Python are here, else ours only)."""
+end to end, ours only and (marked `reference`, see conftest.py) against the reference script."""
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,15 +76,28 @@ def test_table_has_ratio_columns(tmp_path):
     assert "ours/ref" not in no_reference and "steps/s ours" in no_reference
 
 
-def test_one_tiny_run_end_to_end(tmp_path, capsys):
-    have_reference = (Path(bench.DEFAULT_REFERENCE_SCRIPT).is_file()
-                      and Path(bench.DEFAULT_REFERENCE_PYTHON).is_file())
+def _tiny_run(tmp_path, capsys, reference_args: list[str]) -> str:
     args = ["--small", "--family", "sd1", "--settings", "fp32", "--steps", "2", "--warmup", "1", "--resolution",
             "32", "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "r.json")]
-    assert bench.main(args + ([] if have_reference else ["--no-reference"])) == 0
+    assert bench.main(args + reference_args) == 0  # nonzero when a run failed
     table = capsys.readouterr().out
     assert "| SD1.5 (small) | fp32 |" in table
-    assert ("speed ours/ref" in table) == have_reference
+    return table
+
+
+def test_one_tiny_run_end_to_end(tmp_path, capsys):
+    table = _tiny_run(tmp_path, capsys, ["--no-reference"])
+    assert "speed ours/ref" not in table and "| steps/s ours |" in table
+    if not torch.cuda.is_available():
+        assert "only speeds relative to each other are meaningful" in table
+
+
+@pytest.mark.reference  # a Python with torchvision and accelerate: this one (CI's reference step)
+@pytest.mark.slow
+def test_one_tiny_run_against_the_reference(tmp_path, capsys):
+    table = _tiny_run(tmp_path, capsys, ["--reference-script", os.environ["DREAMBOOTH_REFERENCE_SCRIPT"],
+                                         "--reference-python", sys.executable])
+    assert "speed ours/ref" in table and "ours vs diffusers' train_dreambooth.py" in table
     if not torch.cuda.is_available():
         assert "only the speed ratios are meaningful" in table
 

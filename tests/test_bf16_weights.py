@@ -24,7 +24,8 @@ from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
 from tests.test_fused import same_weights
 from tests.test_train import CrashAt, StopAfter, config, images  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 
 def bits(values) -> torch.Tensor:
@@ -171,6 +172,7 @@ def agreement(moved: torch.Tensor, reference: torch.Tensor, start: torch.Tensor)
         z_mean=z(error), z_shrink=z(shrink))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, fused", [("adamw", False), ("adamw", True), ("adamw8bit", False),
                                               ("adamw8bit", True)])
 def test_bf16_weights_learn_what_fp32_weights_learn(images, tmp_path, monkeypatch, optimizer, fused):

@@ -1,5 +1,4 @@
 """The command line end to end on a tiny checkpoint file: every sub-command a new user would run."""
-import shutil
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from PIL import Image
 
 from trainer.__main__ import main
 from trainer.checkpoint import read_metadata, save_checkpoint
-from tests.tiny import PHOTOS, tiny_bundle
+from tests.tiny import tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +17,8 @@ def base_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
-    for subject in ("dog", "cat"):
-        (root / subject).mkdir()
-        for i in range(2):
-            shutil.copy(PHOTOS / subject / f"0{i}.jpg", root / subject)
-    return root
+def photos(subject_photos):
+    return subject_photos(dog=2, cat=2)
 
 
 @pytest.mark.parametrize("command", ["pick-token", "priors", "train", "sample"])

@@ -7,6 +7,7 @@ weights; everything runs at 64 px with a couple of steps.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -87,6 +88,69 @@ class Server:
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+class Messages:
+    """The server's websocket messages (ComfyUI's /ws), read with the standard library: a client of RFC 6455 that only
+    listens. Connect before queueing: messages sent earlier are not replayed."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET /ws?clientId=dreambooth-tests HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self._receive()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head.decode(errors="replace")
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        self.buffer += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self._receive()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def next(self) -> dict:
+        """The next text message as JSON; binary ones (previews) are skipped, pings answered."""
+        while True:
+            first, second = self._take(2)
+            opcode, length = first & 0x0F, second & 0x7F
+            if length >= 126:
+                length = int.from_bytes(self._take(2 if length == 126 else 8), "big")
+            assert not second & 0x80, "a server's frames are not masked"
+            payload = self._take(length)
+            if opcode == 0x1:
+                return json.loads(payload)
+            if opcode == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if opcode == 0x9:  # ping -> pong, masked as a client's frames must be
+                mask = os.urandom(4)
+                self.sock.sendall(bytes([0x8A, 0x80 | len(payload)]) + mask +
+                                  bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def wait_for(self, message_type: str, accept=lambda data: True, timeout: float = 600) -> dict:
+        """The data of the first message of this type that `accept`s it."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                message = self.next()
+            except socket.timeout:
+                break
+            if message.get("type") == message_type and accept(message.get("data")):
+                return message["data"]
+        raise TimeoutError(f"no {message_type!r} message in {timeout:.0f} s")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +267,14 @@ def train_only(photos: Path, output_name: str, steps: int) -> dict:
 
 
 def test_stop_button_keeps_the_server_healthy_and_writes_no_half_file(server):
-    priors = server.base / "output" / "dreambooth_priors"
-    before = set(priors.rglob("*.png"))
-    prompt_id = server.queue(train_only(server.base / "photos" / "dog", "stopped-dog", steps=500))
-    deadline = time.monotonic() + 600
-    while not set(priors.rglob("*.png")) - before and time.monotonic() < deadline:
-        time.sleep(1)
-    time.sleep(15)  # its class image exists: training steps now
+    messages = Messages(server.port)
+    try:
+        prompt_id = server.queue(train_only(server.base / "photos" / "dog", "stopped-dog", steps=500))
+        # The Train node's per-step message (nodes/comfy_hooks.py): a step is done, so training is under way.
+        progress = messages.wait_for("dreambooth.progress", lambda data: data["step"] >= 1)
+    finally:
+        messages.close()
+    assert progress["total"] == 500
     server.post("/interrupt")
     entry = server.wait(prompt_id, timeout=300)
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]

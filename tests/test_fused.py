@@ -13,7 +13,8 @@ from trainer.loop import train
 from trainer.state import state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 
 def trainable(bundle, text_encoder=True) -> list[torch.nn.Parameter]:

@@ -236,6 +236,7 @@ def sd2_extras() -> dict[str, torch.Tensor]:
     # random norm biases have std ~1 > 0.09: by ComfyUI's rule this SD2 file is v-prediction
     ("sd2", "v_prediction"),
 ])
+@pytest.mark.slow
 def test_full_size_checkpoint_without_our_metadata_loads_through_shipped_configs(tmp_path, family,
                                                                                  expected_prediction):
     original = full_size_bundle(family)

@@ -12,7 +12,9 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.fused import FusedBackward
 from trainer.presets import PRESETS, apply_preset, preset_for_memory
 from tests.test_train import config, images  # noqa: F401 (fixture)
-from tests.tiny import one_thread, tiny_bundle  # noqa: F401  (autouse: one torch thread in this module)
+from tests.tiny import tiny_bundle
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 GIB = 2 ** 30
 USER = dict(base_model="m.safetensors", identifier="zwx", class_noun="dog", output="o.safetensors",

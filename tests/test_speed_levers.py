@@ -39,7 +39,8 @@ from trainer.sampling import sample_images
 from trainer.state import OPTIMIZER, WEIGHTS, state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
 from tests.tiny import tiny_bundle
-from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread in this module
 
 WEIGHT_RTOL = 5e-3
 LOSS_RTOL = 1e-4
@@ -190,6 +191,7 @@ def assert_plain(unet):
     assert torch._dynamo.utils.counters["frames"]["total"] == frames
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [dict(), dict(gradient_checkpointing=True, train_text_encoder=True)],
                          ids=["plain", "checkpointing+text_encoder"])
 def test_compiled_unet_learns_exactly_what_the_plain_unet_learns(images, tmp_path, aot_eager, settings):
@@ -211,6 +213,7 @@ def test_compiled_unet_learns_exactly_what_the_plain_unet_learns(images, tmp_pat
     assert sample_images(on, ["a zwx dog"], seeds=[0], width=32, height=32, steps=2)[0].size == (32, 32)
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_plain_state_and_resumes_exactly(images, tmp_path, aot_eager):
     settings = dict(max_train_steps=4, checkpoint_every=2, batch_size=2)
     straight = tiny_bundle("sd1")  # not compiled: compiled runs are bit for bit the same (test above)
@@ -229,6 +232,7 @@ def test_compiled_run_saves_plain_state_and_resumes_exactly(images, tmp_path, ao
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_compiler_that_gets_gradients_wrong_is_refused(images, tmp_path, monkeypatch):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -286,6 +290,7 @@ def test_compile_with_fused_backward_is_refused(images, tmp_path):
         config(images, tmp_path, compile_unet=True, fused_backward=True).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_inductor_here(images, tmp_path, device):

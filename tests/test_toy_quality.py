@@ -12,6 +12,8 @@ from trainer.toy import demo
 from trainer.toy import experiment as ex
 from trainer.toy.evaluators import load_evaluators
 
+pytestmark = pytest.mark.slow  # its fixtures train the toy model twice: ~1 min on 2 cores
+
 # Measured with seeds 0-3 (2026-11-22, 2-core CPU): subject fidelity on recontextualization prompts -0.028 before,
 # 0.728 after (a rise of 0.756), -0.170 for the same prompts without the identifier; PRES 0.025 with prior
 # preservation, 0.879 without. Broken on purpose: with the prior loss dropped, PRES goes over the bound; with the

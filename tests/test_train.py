@@ -1,5 +1,4 @@
 """The training loop end to end on tiny models: it learns, saves, cancels and resumes exactly."""
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,13 @@ from trainer.callbacks import Callbacks, TrainingCancelled
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import train
 from trainer.state import state_dir_for
-from tests.tiny import PHOTOS, tiny_bundle
+from tests.tiny import tiny_bundle
 
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    for subject, n in (("dog", 3), ("cat", 3)):
-        (root / subject).mkdir()
-        for i in range(n):
-            shutil.copy(PHOTOS / subject / f"0{i}.jpg", root / subject / f"0{i}.jpg")
-    return root
+def images(subject_photos):
+    return subject_photos(dog=3, cat=3)
 
 
 def config(images, tmp_path, **overrides) -> TrainConfig:

@@ -13,8 +13,8 @@ import torch
 from trainer.bundle import ModelBundle
 from trainer.models import build_bundle
 
-# The DreamBooth dataset photos, in the shared folder that sits beside the repository (here and in CI).
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+# Photos from the DreamBooth dataset, downscaled to 256 px: dog/00-04, cat/00-02 (licence beside them).
+PHOTOS = Path(__file__).resolve().parent / "data" / "dreambooth"
 
 
 def tiny_unet_config(family: str) -> dict:
@@ -75,9 +75,8 @@ def tiny_bundle(family: str = "sd1", prediction_type: str = "epsilon", seed: int
     return bundle
 
 
+
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more
+def one_thread(one_thread):
+    """conftest.py's one_thread, autouse in modules that import it from here (as they did before conftest.py had it)."""
     yield
-    torch.set_num_threads(threads)

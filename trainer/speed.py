@@ -46,11 +46,16 @@ def match_state_layout(optimizer) -> None:
     depends on it. 8-bit AdamW reads its moments as flat memory: it makes each weight contiguous at its first step
     (so with it only activations stay channels-last) but keeps the moments as created, so they must come back with
     that memory order to pair each 8-bit value, and each quantization block, with the same weights. (So a state
-    resumes only with the channels_last it was made with: the setting is part of its fingerprint.)"""
+    resumes only with the channels_last it was made with: the setting is part of its fingerprint.) Its weights, loaded
+    into channels-last tensors, go back to contiguous too, as in a run never stopped: convolving with the other layout
+    rounds differently, and a resumed run would no longer end where that run ends."""
     for opt in getattr(optimizer, "optimizers", [optimizer]):  # FusedBackward: one optimizer per tensor
+        eight_bit = any(cls.__module__.startswith("bitsandbytes") for cls in type(opt).__mro__)  # or a subclass
         for param, entries in opt.state.items():
             if param.dim() != 4:
                 continue
+            if eight_bit:
+                param.data = param.data.contiguous()
             for key, value in entries.items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
                     entries[key] = value.contiguous(memory_format=torch.channels_last)
