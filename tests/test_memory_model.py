@@ -206,3 +206,11 @@ def test_a_whole_run_leaves_each_phase_only_what_it_needs():
     tensors = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
     assert phases["class images"]["peak_breakdown"]["weights"] == sum(
         t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def test_previews_beside_fp32_weights_keep_no_bf16_copies_of_them():
+    from bench.dreambooth_bench import parse_setting, random_bundle
+    result = memory_model.measure(random_bundle("sd1", small=True), parse_setting("12GB+te").ours, steps=1,
+                                  resolution=64, gpu_memory=12 * memory_model.GIB, whole_run=True, num_images=4)
+    previews = next(phase for phase in result["phases"] if phase["phase"] == "previews")
+    assert previews["peak_breakdown"]["weight casts"] == 0  # autocast's cache would hold one of every trained weight
