@@ -31,10 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.reference_harness import reference_args, save_pipeline_folder  # noqa: E402
+from bench.models import model_configs, random_bundle  # noqa: E402
+from bench.reference_script import reference_args, save_pipeline_folder  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.bundle import ModelBundle  # noqa: E402
-from trainer.models import ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs  # noqa: E402
 from trainer.presets import PRESETS, short_name  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "probe.py"
@@ -43,7 +42,6 @@ DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "")
 DEFAULT_REFERENCE_PYTHON = os.environ.get("DREAMBOOTH_REFERENCE_PYTHON", "python3")
 
 MODEL_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1"}
-PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD2.1 is the 768-v model
 NUM_IMAGES = 3  # instance photos and class images each; every step uses one of each
 CLASS_IMAGE_BATCH = 4  # trainer.priors' default; the first batch is the class-image timing's warm-up
 LEARNING_RATE = 2e-6
@@ -73,7 +71,7 @@ ATOMS = {
     # The memory presets, resolved for the GPU at hand (trainer/presets.py); the reference has none.
     **{short_name(name): Atom({"memory_preset": name}, None) for name in PRESETS},
 }
-# What every setting starts from (the reference's base is tests.reference_harness.reference_args: fp32, AdamW).
+# What every setting starts from (the reference's base is bench.reference_script.reference_args: fp32, AdamW).
 BASE_OURS = {"mixed_precision": "no", "optimizer": "adamw"}
 # TrainConfig booleans that are no setting to compare: prior preservation is always on, resume is off.
 FIXED_BOOLEANS = {"with_prior_preservation": True, "resume": False}
@@ -133,39 +131,6 @@ def default_matrix(cuda: bool) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Models (random weights: the values change neither memory nor speed) and the FLOPs of one training step.
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def model_configs(family: str, small: bool) -> ModelConfigs:
-    """Full-size SD1.5 / SD2.1 configs, or with `small` the tiny ones the tests use (for a CPU)."""
-    if not small:
-        return shipped_configs(family)
-    from tests.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
-    return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family))
-
-
-def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
-    """A model of the family's shapes with random weights, made in seconds at full size (the values change neither
-    memory nor speed): built on the meta device, then each weight drawn from N(0, 1/fan-in), as an initialiser would,
-    so activations and the loss stay finite; norms 1, biases 0."""
-    configs = model_configs(family, small)
-    with torch.device("meta"):
-        bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
-                              source_name=f"random-{family}",
-                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}")
-    bundle.noise_scheduler = make_noise_scheduler(PREDICTION_TYPES[family])  # its tables, not on meta
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
-            module.to_empty(device="cpu")
-            for name, tensor in module.named_parameters():
-                if tensor.dim() == 1:
-                    tensor.fill_(1.0 if name.endswith("weight") else 0.0)  # norms' scales, and every bias
-                else:
-                    tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=generator)
-            for name, buffer in module.named_buffers():  # CLIP's position ids are its only buffer
-                buffer.copy_(torch.arange(buffer.shape[-1]).expand(buffer.shape))
-            module.eval()
-    return bundle
 
 
 @functools.lru_cache(maxsize=None)
@@ -682,7 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=f"Setting parts (join with '+'): {', '.join(all_atoms())}. Default matrix on a GPU: "
                f"{' '.join(default_matrix(True))}; on a CPU: {' '.join(default_matrix(False))}.")
     parser.add_argument("--family", choices=("sd1", "sd2", "both"), default="sd1")
-    parser.add_argument("--small", action="store_true", help="tiny models (tests/tiny.py) for a CPU")
+    parser.add_argument("--small", action="store_true", help="tiny models (bench/models.py) for a CPU")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
     parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")

@@ -540,7 +540,8 @@ def estimated_reserved(allocated: int) -> int:
 
 
 def run_one(args: argparse.Namespace, setting: str, resolution: int) -> dict:
-    from bench.dreambooth_bench import parse_setting, random_bundle
+    from bench.dreambooth_bench import parse_setting
+    from bench.models import random_bundle
     gpu_memory = int(args.gpu_memory * GIB) if args.gpu_memory else None
     result = measure(random_bundle(args.family, args.small), parse_setting(setting).ours, steps=args.steps,
                      resolution=resolution, cuda_like=not args.cpu_defaults, autocast_cache=args.autocast_cache,
@@ -604,7 +605,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                "every TrainConfig boolean by name, e.g. fused_backward); all start from fp32 + AdamW. "
                f"Default: {' '.join(default_settings())}.")
     parser.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
-    parser.add_argument("--small", action="store_true", help="the tiny test models (tests/tiny.py), to try it out")
+    parser.add_argument("--small", action="store_true", help="the tiny models (bench/models.py), to try it out")
     parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")
     parser.add_argument("--settings", nargs="+", help="settings to measure (default: see below)")
     parser.add_argument("--steps", type=int, default=2, help="steps per run (the peak is over all; default 2)")

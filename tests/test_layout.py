@@ -70,3 +70,7 @@ def test_the_engine_has_no_import_cycles():
     for module in graph:
         visit(module, [])
 
+
+def test_benchmarks_do_not_import_the_tests():
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        assert not any(name.split(".")[0] == "tests" for name, level in imported_modules(path) if not level), path

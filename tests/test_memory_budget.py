@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench import memory_model
-from bench.dreambooth_bench import parse_setting, random_bundle
+from bench.dreambooth_bench import parse_setting
+from bench.models import random_bundle
 
 GIB = memory_model.GIB
 BUDGET = 7.0 * GIB  # reserved, for an 8 GB card

@@ -81,7 +81,7 @@ def test_an_adamw_step_adds_twice_the_parameter_bytes_of_state():
 
 
 def test_a_tiny_run_of_our_loop_counts_weights_state_and_grads_exactly():
-    from bench.dreambooth_bench import random_bundle
+    from bench.models import random_bundle
     bundle = random_bundle("sd1", small=True)
     param_bytes = sum(p.numel() * 4 for p in bundle.unet.parameters())
     result = memory_model.measure(bundle, {"mixed_precision": "no", "optimizer": "adamw"}, steps=2, resolution=64)
@@ -96,7 +96,7 @@ def test_a_tiny_run_of_our_loop_counts_weights_state_and_grads_exactly():
 
 
 def test_without_autocasts_cache_the_weights_bf16_copies_do_not_pile_up():
-    from bench.dreambooth_bench import random_bundle
+    from bench.models import random_bundle
     peaks, casts = {}, {}
     for cached in (False, True):
         bundle = random_bundle("sd1", small=True)
@@ -114,7 +114,7 @@ def test_without_autocasts_cache_the_weights_bf16_copies_do_not_pile_up():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_backward_never_holds_all_gradients(fused):
-    from bench.dreambooth_bench import random_bundle
+    from bench.models import random_bundle
     bundle = random_bundle("sd1", small=True)
     param_bytes = sum(p.numel() * 4 for p in bundle.unet.parameters())
     result = memory_model.measure(bundle, {"mixed_precision": "no", "optimizer": "adamw", "fused_backward": fused,
@@ -162,7 +162,7 @@ def allocator_peak(step, folder) -> int:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkpointing, tmp_path):
-    from bench.dreambooth_bench import random_bundle
+    from bench.models import random_bundle
     unet = random_bundle("sd1", small=True).unet.train()
     unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(unet.parameters(), foreach=True)
@@ -187,7 +187,8 @@ def test_the_peak_is_the_cpu_allocators_own_peak_for_a_unet_training_step(checkp
 
 
 def test_a_whole_run_leaves_each_phase_only_what_it_needs():
-    from bench.dreambooth_bench import parse_setting, random_bundle
+    from bench.dreambooth_bench import parse_setting
+    from bench.models import random_bundle
     bundle = random_bundle("sd1", small=True)
     result = memory_model.measure(bundle, parse_setting("8GB+te").ours, steps=2, resolution=64,
                                   gpu_memory=8 * memory_model.GIB, whole_run=True, num_images=4)
@@ -209,7 +210,8 @@ def test_a_whole_run_leaves_each_phase_only_what_it_needs():
 
 
 def test_previews_beside_fp32_weights_keep_no_bf16_copies_of_them():
-    from bench.dreambooth_bench import parse_setting, random_bundle
+    from bench.dreambooth_bench import parse_setting
+    from bench.models import random_bundle
     result = memory_model.measure(random_bundle("sd1", small=True), parse_setting("12GB+te").ours, steps=1,
                                   resolution=64, gpu_memory=12 * memory_model.GIB, whole_run=True, num_images=4)
     previews = next(phase for phase in result["phases"] if phase["phase"] == "previews")

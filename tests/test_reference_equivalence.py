@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.reference_harness import ReplayRandomness, reference_args, run_reference, save_pipeline_folder
+from bench.reference_script import reference_args, save_pipeline_folder
+from tests.reference_harness import ReplayRandomness, run_reference
 from tests.tiny import PHOTOS, tiny_bundle
 
 try:

@@ -1,0 +1,96 @@
+"""The models the benchmarks (and the tests) train: full-size SD1.5/SD2.1 shapes from the shipped configs, or tiny
+ones of the same structure for a CPU, with random weights (the values change neither memory nor speed).
+
+The tiny configs keep the structure that matters to the code under test: cross-attention down/up blocks followed by a
+plain block, two resnets per level, conv (SD1) vs linear (SD2) attention projections, the real CLIP tokenizer and
+vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.bundle import ModelBundle
+from trainer.models import ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs
+
+PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD2.1 is the 768-v model
+
+
+def tiny_unet_config(family: str) -> dict:
+    sd2 = family == "sd2"
+    return {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 48 if sd2 else 32,
+        "attention_head_dim": [2, 4] if sd2 else 4,
+        "use_linear_projection": sd2,
+        "norm_num_groups": 32,
+    }
+
+
+def tiny_vae_config() -> dict:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "norm_num_groups": 32,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
+    }
+
+
+def tiny_text_config(family: str) -> dict:
+    sd2 = family == "sd2"
+    return {
+        "vocab_size": 49408,
+        "hidden_size": 48 if sd2 else 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu" if sd2 else "quick_gelu",
+        "projection_dim": 48 if sd2 else 32,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 0 if sd2 else 1,
+    }
+
+
+def model_configs(family: str, small: bool) -> ModelConfigs:
+    """Full-size SD1.5 / SD2.1 configs, or with `small` the tiny ones the tests use (for a CPU)."""
+    if not small:
+        return shipped_configs(family)
+    return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family))
+
+
+def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
+    """A model of the family's shapes with random weights, made in seconds at full size (the values change neither
+    memory nor speed): built on the meta device, then each weight drawn from N(0, 1/fan-in), as an initialiser would,
+    so activations and the loss stay finite; norms 1, biases 0."""
+    configs = model_configs(family, small)
+    with torch.device("meta"):
+        bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
+                              source_name=f"random-{family}",
+                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}")
+    bundle.noise_scheduler = make_noise_scheduler(PREDICTION_TYPES[family])  # its tables, not on meta
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+            module.to_empty(device="cpu")
+            for name, tensor in module.named_parameters():
+                if tensor.dim() == 1:
+                    tensor.fill_(1.0 if name.endswith("weight") else 0.0)  # norms' scales, and every bias
+                else:
+                    tensor.normal_(0.0, tensor[0].numel() ** -0.5, generator=generator)
+            for name, buffer in module.named_buffers():  # CLIP's position ids are its only buffer
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand(buffer.shape))
+            module.eval()
+    return bundle
