@@ -1,7 +1,7 @@
 from comfy_api.latest import io
 
 from . import comfy_hooks
-from .comfy_io import pil_to_image_batch
+from .comfy_io import pil_to_image_batch, plain_errors, require_class_noun
 
 CATEGORY = "DreamBooth"
 
@@ -39,14 +39,17 @@ class GenerateClassPriors(io.ComfyNode):
         from ..trainer.priors import load_prior_images
         from ..trainer.prompts import class_prompt
 
+        prompt = class_prompt(require_class_noun(class_noun))
         progress = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, count)
 
         def on_progress(done, total):
             progress.bar.update_absolute(done, total)  # raises on the stop button; finished images stay cached
 
         comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
-        paths = class_images(comfy_hooks.checkpoint_path(ckpt_name), class_prompt(class_noun), count=count,
-                             cache_root=comfy_hooks.prior_cache_folder(), size=size, steps=steps, guidance=guidance,
-                             seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log, on_progress=on_progress)
+        with plain_errors({"width": "size", "height": "size", "resolution": "size"}):
+            paths = class_images(comfy_hooks.checkpoint_path(ckpt_name), prompt, count=count,
+                                 cache_root=comfy_hooks.prior_cache_folder(), size=size, steps=steps,
+                                 guidance=guidance, seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log,
+                                 on_progress=on_progress)
         comfy_hooks.release()
         return io.NodeOutput(pil_to_image_batch(load_prior_images(paths)))

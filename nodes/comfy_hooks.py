@@ -10,6 +10,7 @@ import folder_paths
 from server import PromptServer
 
 from ..trainer.callbacks import Callbacks, StepInfo
+from .comfy_io import StepLog
 
 Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
@@ -53,18 +54,23 @@ def log(message: str) -> None:
 
 
 class ComfyCallbacks(Callbacks):
-    """Progress bar every step, a status line and loss points for web/, previews, and the stop button."""
+    """Progress bar every step, a status line and loss points for web/, a step line in the server log now and then
+    (for headless runs), previews, and the stop button."""
 
     def __init__(self, node_id: str, total: int):
         self.node_id = node_id
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.stop_requested = False
+        self.step_log = StepLog()
 
     def send(self, event: str, **data) -> None:
         PromptServer.instance.send_sync(f"dreambooth.{event}", {"node": self.node_id, **data})
 
     def on_step(self, info: StepInfo) -> None:
         self.update_bar(info.step, info.total)
+        line = self.step_log.line(info)
+        if line:
+            log(line)  # the server log only: the page has the live chart
         self.send("progress", step=info.step, total=info.total, loss=info.loss, instance_loss=info.instance_loss,
                   prior_loss=info.prior_loss, lr=info.lr, elapsed_s=info.elapsed_s, eta_s=info.eta_s)
 

@@ -1,6 +1,7 @@
 from comfy_api.latest import io
 
 from . import comfy_hooks
+from .comfy_io import plain_errors
 
 CATEGORY = "DreamBooth"
 
@@ -36,6 +37,8 @@ class LoadSubjectModel(io.ComfyNode):
         from ..trainer.checkpoint import read_trigger_phrase
 
         path = comfy_hooks.checkpoint_path(ckpt_name)
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        return io.NodeOutput(model, clip, vae, read_trigger_phrase(path))
+        with plain_errors({}):
+            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+                path, output_vae=True, output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+            return io.NodeOutput(model, clip, vae, read_trigger_phrase(path))

@@ -1,6 +1,7 @@
 from comfy_api.latest import io, ui
 
 from . import comfy_hooks
+from .comfy_io import plain_errors, require_class_noun
 
 CATEGORY = "DreamBooth"
 
@@ -36,9 +37,11 @@ class PickRareToken(io.ComfyNode):
         from ..trainer.api import pick_identifiers
         from ..trainer.prompts import instance_prompt
 
+        class_noun = require_class_noun(class_noun)
         comfy_hooks.free_comfy_models()  # a model ComfyUI keeps loaded would crowd the GPU
-        ranked = pick_identifiers(comfy_hooks.checkpoint_path(ckpt_name), class_noun.strip(), count=candidates,
-                                  seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log)
+        with plain_errors({}):
+            ranked = pick_identifiers(comfy_hooks.checkpoint_path(ckpt_name), class_noun, count=candidates,
+                                      seed=seed, device=comfy_hooks.device(), log=comfy_hooks.log)
         comfy_hooks.release()
         table = "\n".join(f"{t.identifier:<8} prior strength {t.strength:.3f}" for t in ranked)
         best = ranked[0].identifier

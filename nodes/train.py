@@ -3,9 +3,14 @@ from comfy_api.latest import io, ui
 from ..trainer.config import ATTENTIONS, OPTIMIZERS, PRECISIONS  # light modules: no torch at registration
 from ..trainer.presets import PRESET_NAMES
 from . import comfy_hooks
-from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch
+from .comfy_io import (folder_fingerprint, image_batch_to_pil, node_message, pil_to_image_batch, plain_errors,
+                       require_class_noun)
 
 CATEGORY = "DreamBooth"
+
+# The engine's setting names -> this node's inputs, for its error messages.
+RENAMES = {"base_model": "ckpt_name", "instance_dir": "instance_folder", "max_train_steps": "steps",
+           "mixed_precision": "precision", "sample_prompts": "sample_prompt"}
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -98,14 +103,20 @@ class DreamBoothTrain(io.ComfyNode):
         from ..trainer.config import TrainConfig
         from ..trainer.dataset import SubjectImage
         from ..trainer.loop import train
+        from ..trainer.models import load_tokenizer
+        from ..trainer.tokens import identifier_warnings
         from ..trainer import prompts
         from ..trainer.plots import loss_curve
 
+        class_noun = require_class_noun(class_noun)
+        if instance_images is None and not instance_folder.strip():
+            raise ValueError("No photos of the subject: connect 3-5 photos to instance_images, or set "
+                             "instance_folder to a folder that holds them.")
         output = output_path(comfy_hooks.output_folder(), output_name)
         instance_prompt = prompts.instance_prompt(identifier, class_noun)
         cfg = TrainConfig(
             base_model=comfy_hooks.checkpoint_path(ckpt_name), instance_dir=instance_folder.strip(),
-            identifier=identifier.strip(), class_noun=class_noun.strip(), output=str(output),
+            identifier=identifier.strip(), class_noun=class_noun, output=str(output),
             with_prior_preservation=prior_loss_weight > 0, prior_loss_weight=prior_loss_weight,
             num_class_images=num_class_images if class_images is None else len(class_images),
             prior_cache_dir=comfy_hooks.prior_cache_folder(), resolution=resolution, batch_size=batch_size,
@@ -122,9 +133,13 @@ class DreamBoothTrain(io.ComfyNode):
 
         comfy_hooks.free_comfy_models()
         callbacks = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, steps)
+        if cfg.identifier:  # an empty one is an error, below
+            for warning in identifier_warnings(cfg.identifier, load_tokenizer("sd1")):  # SD 2.x tokenizes the same
+                callbacks.log(f"Warning: {node_message(warning, RENAMES)}")
         try:
-            result = train(cfg, callbacks=callbacks, instance_images=as_subjects(instance_images, "instance"),
-                           class_images=as_subjects(class_images, "class"))
+            with plain_errors(RENAMES):
+                result = train(cfg, callbacks=callbacks, instance_images=as_subjects(instance_images, "instance"),
+                               class_images=as_subjects(class_images, "class"))
         except TrainingCancelled as cancelled:
             callbacks.log(str(cancelled))
             raise comfy_hooks.Interrupted() from cancelled  # ComfyUI shows "interrupted", not a failure

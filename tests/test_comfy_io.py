@@ -6,8 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes.comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch
+from nodes.comfy_io import (StepLog, folder_fingerprint, image_batch_to_pil, node_message, pil_to_image_batch,
+                            plain_errors, require_class_noun)
+from trainer.callbacks import StepInfo, TrainingCancelled
 from trainer.checkpoint import read_trigger_phrase, save_checkpoint
+from trainer.config import ConfigError, TrainConfig
+from trainer.dataset import ImageError
+from trainer.phases import OutOfMemory
+from trainer.tokens import PICK_ADVICE
 from tests.tiny import tiny_bundle
 
 
@@ -44,3 +50,75 @@ def test_trigger_phrase_comes_from_the_header(tmp_path):
     assert read_trigger_phrase(str(path)) == "a zwx dog"
     save_checkpoint(tiny_bundle("sd1"), path, {})
     assert read_trigger_phrase(str(path)) == ""
+
+
+def test_an_empty_class_noun_is_refused_by_name():
+    for empty in ("", "   "):
+        with pytest.raises(ValueError, match="class_noun is empty"):
+            require_class_noun(empty)
+    assert require_class_noun("  teddy   bear ") == "teddy bear"
+
+
+TRAIN_RENAMES = {"instance_dir": "instance_folder", "max_train_steps": "steps", "mixed_precision": "precision"}
+
+
+def test_engine_messages_are_put_in_the_nodes_words():
+    assert node_message("max_train_steps: 0 must be at least 1", TRAIN_RENAMES) == "steps: 0 must be at least 1"
+    assert node_message("set --mixed-precision bf16, not mixed_precision_x", TRAIN_RENAMES) == \
+        "set precision bf16, not mixed_precision_x"  # whole names only
+    assert "command" not in node_message(PICK_ADVICE, {}) and "python -m" not in node_message(PICK_ADVICE, {})
+    assert node_message(PICK_ADVICE, {}).endswith("with the Pick Rare Token node.")
+    with pytest.raises(ConfigError) as raised:
+        TrainConfig(base_model="m.safetensors", class_noun="dog", output="o.safetensors").validate()
+    assert node_message(str(raised.value), {}) == "identifier is not set: pick one with the Pick Rare Token node"
+
+
+def raise_in_node(error: Exception):
+    with plain_errors(TRAIN_RENAMES):
+        raise error
+
+
+@pytest.mark.parametrize("error, plain", [
+    (ConfigError("instance_dir is not set: give the folder"), ValueError),
+    (ImageError("photos/99.jpg cannot be read as an image"), ValueError),
+    (OutOfMemory("training", "The GPU ran out of memory in training"), MemoryError),
+    (FloatingPointError("The loss became nan: lower learning_rate or set mixed_precision 'no'"), FloatingPointError),
+])
+def test_engine_errors_reach_comfyui_as_builtin_types_in_the_nodes_words(error, plain):
+    with pytest.raises(Exception) as raised:
+        raise_in_node(error)
+    assert type(raised.value) is plain  # ComfyUI shows a builtin's plain name, the pack's by its module path
+    assert raised.value.__cause__ is error
+    assert "instance_dir" not in str(raised.value) and "mixed_precision" not in str(raised.value)
+    assert str(raised.value) == node_message(str(error), TRAIN_RENAMES)
+
+
+def test_signals_and_foreign_errors_pass_through_untouched():
+    class Interrupted(Exception):  # stands for ComfyUI's InterruptProcessingException
+        pass
+
+    for error in (TrainingCancelled(3, "state"), Interrupted("stop"), torch.OutOfMemoryError("CUDA out of memory")):
+        with pytest.raises(type(error)) as raised:
+            raise_in_node(error)
+        assert raised.value is error
+
+
+def step(n: int, total: int = 100) -> StepInfo:
+    return StepInfo(step=n, total=total, loss=0.25, instance_loss=0.2, prior_loss=0.05, lr=1e-4, elapsed_s=61.0,
+                    eta_s=3725.0)
+
+
+def test_the_step_log_writes_a_line_every_10_steps_or_30_seconds_and_the_last_step():
+    now = [0.0]
+    log = StepLog(every_steps=10, every_s=30.0, clock=lambda: now[0])
+    logged = []
+    for n in range(1, 101):
+        now[0] += 0.5 if n < 60 else 20.0  # fast steps, then slow ones
+        if log.line(step(n)):
+            logged.append(n)
+    # Every 10 steps while they are fast; every other step (40 s apart) once they take 20 s; and the last.
+    assert logged == [1, 11, 21, 31, 41, 51, *range(61, 100, 2), 100]
+    assert StepLog().line(step(1)) == ("Step 1/100: loss 0.2500 (instance 0.2000, prior 0.0500), learning "
+                                                   "rate 0.0001, 1:01 elapsed, about 1:02:05 left")
+    resumed = StepLog()
+    assert resumed.line(step(57)) and not resumed.line(step(58))  # a resumed run logs its first step too

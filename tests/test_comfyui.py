@@ -1,4 +1,4 @@
-"""The pack inside a real ComfyUI: the example workflow end to end, the stop button, and a corrupt photo.
+"""The pack inside a real ComfyUI: the example workflow end to end, the stop button, and errors as a user sees them.
 
 Runs only when COMFYUI_DIR points at a ComfyUI checkout whose Python (COMFYUI_PYTHON, default
 $COMFYUI_DIR/.venv/bin/python) has ComfyUI's and this pack's requirements. The server is started with --cpu on
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.p
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "example_workflows" / "dreambooth_personalize.json"
 BASE_MODEL = "sd15-random.safetensors"
+PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain", "DBStudioLoadSubjectModel")
 
 
 class Server:
@@ -214,12 +216,12 @@ def errors(entry: dict) -> list[dict]:
 
 
 def test_pack_loads_with_its_nodes_and_template(server):
-    for node_id in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain",
-                    "DBStudioLoadSubjectModel"):
+    for node_id in PACK_NODES:
         assert node_id in server.object_info, server.log()[-3000:]
         assert server.object_info[node_id]["category"] == "DreamBooth"
     assert server.get("/workflow_templates")["dreambooth_studio"] == ["dreambooth_personalize"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
+
 
 
 def test_example_workflow_trains_loads_and_samples(server):
@@ -241,6 +243,7 @@ def test_example_workflow_trains_loads_and_samples(server):
     assert "clip missing" not in server.log() and "left over keys" not in server.log()
     assert "Memory preset '8 GB' on cpu: 8 GB; precision no, optimizer adamw8bit, gradient checkpointing, " \
            "fused backward" in server.log()
+    assert re.search(r"\[DreamBooth\] Step 2/2: loss \d", server.log())  # a headless user sees training move
 
     # The stock loader reads the file too (what a user does in any other workflow).
     plain = {
@@ -257,13 +260,14 @@ def test_example_workflow_trains_loads_and_samples(server):
     assert entry["status"]["status_str"] == "success", errors(entry)
 
 
-def train_only(photos: Path, output_name: str, steps: int) -> dict:
-    return {"1": {"class_type": "DBStudioTrain", "inputs": {
+def train_only(photos: Path | None, output_name: str, steps: int, **settings) -> dict:
+    inputs = {
         "ckpt_name": BASE_MODEL, "identifier": "lnp", "class_noun": "dog", "num_class_images": 1, "steps": steps,
         "learning_rate": 1e-5, "prior_loss_weight": 1.0, "train_text_encoder": False, "resolution": 64,
         "batch_size": 1, "optimizer": "adamw8bit", "attention": "auto", "gradient_checkpointing": True,
-        "precision": "no", "fused_backward": False, "bf16_weights": False, "memory_preset": "custom", "seed": 0, "output_name": output_name,
-        "instance_folder": str(photos)}}}
+        "precision": "no", "fused_backward": False, "bf16_weights": False, "memory_preset": "custom", "seed": 0,
+        "output_name": output_name, "instance_folder": str(photos or "")}
+    return {"1": {"class_type": "DBStudioTrain", "inputs": {**inputs, **settings}}}
 
 
 def test_stop_button_keeps_the_server_healthy_and_writes_no_half_file(server):
@@ -292,10 +296,45 @@ def test_a_corrupt_photo_gives_an_error_that_names_it(server):
     photos = server.base / "photos" / "corrupt"
     shutil.copytree(server.base / "photos" / "dog", photos)
     (photos / "99-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    entry = server.wait(server.queue(train_only(photos, "corrupt-dog", steps=2)))
+    entry = server.wait(server.queue(train_only(photos, "corrupt-dog", steps=2, identifier="sks")))
     assert entry["status"]["status_str"] == "error"
-    message = errors(entry)[0]["exception_message"]
+    error = errors(entry)[0]
+    message = error["exception_message"]
     assert "99-broken.jpg" in message and ("re-export" in message.lower() or "remove" in message.lower())
+    assert error["exception_type"] == "ValueError"  # not '<pack folder>.trainer.dataset.ImageError'
+    # A poor identifier is a warning in the log (and on the node), not an error, in the node's words.
+    warnings = [line for line in server.log().splitlines() if "[DreamBooth] Warning:" in line and "'sks'" in line]
+    assert warnings and "Pick Rare Token node" in warnings[0] and "python -m" not in warnings[0]
+
+
+def failure(server: Server, prompt: dict) -> dict:
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    return errors(entry)[0]
+
+
+def test_node_errors_are_builtin_types_that_name_node_inputs(server):
+    pick = {"1": {"class_type": "DBStudioPickRareToken",
+                  "inputs": {"ckpt_name": BASE_MODEL, "class_noun": "  ", "candidates": 2, "seed": 0}},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    priors = {"1": {"class_type": "DBStudioGenerateClassPriors",
+                    "inputs": {"ckpt_name": BASE_MODEL, "class_noun": "", "count": 1, "size": 64, "steps": 1,
+                               "guidance": 5.0, "seed": 0}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    for prompt in (pick, priors):
+        error = failure(server, prompt)
+        assert error["exception_type"] == "ValueError"
+        assert error["exception_message"].startswith("class_noun is empty"), error["exception_message"]
+
+    error = failure(server, train_only(None, "no-photos", steps=1))
+    assert error["exception_type"] == "ValueError"
+    assert "instance_images" in error["exception_message"] and "instance_folder" in error["exception_message"]
+
+    # The engine's setting mixed_precision is this node's precision.
+    error = failure(server, train_only(server.base / "photos" / "dog", "fp16-fused", steps=1, precision="fp16",
+                                       fused_backward=True))
+    assert error["exception_type"] == "ValueError"
+    assert "precision 'fp16'" in error["exception_message"] and "mixed_precision" not in error["exception_message"]
 
 
 def test_requeue_reuses_the_result_until_a_photo_changes(server):
