@@ -19,7 +19,9 @@ class GenerateClassPriors(io.ComfyNode):
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
                                tooltip="The base checkpoint you will train."),
-                io.String.Input("class_noun", default="dog", tooltip="The prompt is 'a [class noun]'."),
+                io.String.Input("class_noun", default="dog",
+                                tooltip="The prompt is 'a [class noun]'. Connect Pick Rare Token's class_noun to type "
+                                        "it once."),
                 io.Int.Input("count", default=200, min=1, max=5000, tooltip="How many images (the paper: a few hundred)."),
                 io.Int.Input("size", default=512, min=64, max=2048, step=64,
                              tooltip="Width and height; use the training resolution."),

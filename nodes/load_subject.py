@@ -17,13 +17,14 @@ class LoadSubjectModel(io.ComfyNode):
                         "trained with, ready to put into your prompt.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
-                               tooltip="A checkpoint; trained ones are under dreambooth/. Wire DreamBooth Train's "
-                                       "ckpt_name here to load what it just made."),
+                               tooltip="A checkpoint; trained ones are under dreambooth/. Connect DreamBooth Train's "
+                                       "checkpoint output here to load what it just made."),
             ],
             outputs=[
-                io.Model.Output("model", display_name="model"),
-                io.Clip.Output("clip", display_name="clip"),
-                io.Vae.Output("vae", display_name="vae"),
+                io.Model.Output("model", display_name="model", tooltip="The denoising model, for KSampler."),
+                io.Clip.Output("clip", display_name="clip",
+                               tooltip="The text encoder, for CLIP Text Encode; it knows the identifier."),
+                io.Vae.Output("vae", display_name="vae", tooltip="The VAE, for VAE Decode."),
                 io.String.Output("trigger_phrase", display_name="trigger_phrase",
                                  tooltip="e.g. 'a zwx dog' (empty for other checkpoints)."),
             ],

@@ -29,6 +29,10 @@ class PickRareToken(io.ComfyNode):
                                  tooltip="The best (weakest-prior) identifier, e.g. for DreamBooth Train."),
                 io.String.Output("instance_prompt", display_name="instance_prompt",
                                  tooltip="'a [identifier] [class noun]'"),
+                # Last, so that workflows saved before it keep their links.
+                io.String.Output("class_noun_out", display_name="class_noun",  # ids: unique over inputs too
+                                 tooltip="The class noun typed here, for Generate Class Priors and DreamBooth Train: "
+                                         "type it once."),
             ],
         )
 
@@ -45,5 +49,5 @@ class PickRareToken(io.ComfyNode):
         comfy_hooks.release()
         table = "\n".join(f"{t.identifier:<8} prior strength {t.strength:.3f}" for t in ranked)
         best = ranked[0].identifier
-        return io.NodeOutput(best, instance_prompt(best, class_noun),
+        return io.NodeOutput(best, instance_prompt(best, class_noun), class_noun,
                              ui=ui.PreviewText(f"weakest prior first:\n{table}"))

@@ -29,7 +29,9 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
                                tooltip="The base checkpoint (SD 1.x or 2.x, .safetensors)."),
                 io.String.Input("identifier", default="", tooltip="The rare token, e.g. from Pick Rare Token."),
-                io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
+                io.String.Input("class_noun", default="dog",
+                                tooltip="What the subject is: dog, backpack, man... Connect Pick Rare Token's "
+                                        "class_noun to type it once."),
                 io.Int.Input("num_class_images", default=200, min=1, max=5000,
                              tooltip="How many class images to generate when class_images is not connected."),
                 io.Int.Input("steps", default=400, min=1, max=20000,
@@ -83,8 +85,10 @@ class DreamBoothTrain(io.ComfyNode):
             outputs=[
                 io.AnyType.Output("checkpoint", display_name="checkpoint",
                                   tooltip="The saved checkpoint's name: wire it to Load Subject Model's ckpt_name."),
-                io.Image.Output("loss_curve", display_name="loss_curve"),
-                io.Image.Output("samples", display_name="samples"),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="The training loss per step, drawn as an image (for Preview Image)."),
+                io.Image.Output("samples", display_name="samples",
+                                tooltip="Images of sample_prompt drawn by the trained model at the end."),
             ],
         )
 

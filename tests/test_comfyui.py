@@ -201,6 +201,9 @@ def tiny_run(prompt: dict, photos: Path, output_name: str) -> dict:
         if "ckpt_name" in node["inputs"] and not isinstance(node["inputs"]["ckpt_name"], list):
             node["inputs"]["ckpt_name"] = BASE_MODEL
     by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    pick = next(key for key, node in prompt.items() if node["class_type"] == "DBStudioPickRareToken")
+    for node_type in ("DBStudioGenerateClassPriors", "DBStudioTrain"):  # the class noun is typed once
+        assert by_type[node_type]["class_noun"] == [pick, 2], node_type
     by_type["DBStudioPickRareToken"].update(candidates=3)
     by_type["DBStudioGenerateClassPriors"].update(count=2, size=64, steps=2)
     # The leanest preset: on this CPU its fallback without bf16 (fp32, fused 8-bit AdamW, checkpointing)
@@ -218,7 +221,9 @@ def errors(entry: dict) -> list[dict]:
 def test_pack_loads_with_its_nodes_and_template(server):
     for node_id in PACK_NODES:
         assert node_id in server.object_info, server.log()[-3000:]
-        assert server.object_info[node_id]["category"] == "DreamBooth"
+        info = server.object_info[node_id]
+        assert info["category"] == "DreamBooth"
+        assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"]), node_id
     assert server.get("/workflow_templates")["dreambooth_studio"] == ["dreambooth_personalize"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
 
