@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
@@ -15,13 +16,19 @@ from .comfy_io import StepLog
 Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
 
+# The pack's toy base model is offered in the pack's checkpoint lists under this name, read from the pack itself: it
+# needs no copy in models/checkpoints, and it stays out of ComfyUI's own Load Checkpoint, which cannot load it.
+TOY_BASE = "DreamBooth Studio toy base (32 px demo)"
+TOY_BASE_PATH = Path(__file__).resolve().parents[1] / "trainer" / "toy" / "base.safetensors"
+
 
 def checkpoint_names() -> list[str]:
-    return folder_paths.get_filename_list("checkpoints")
+    """ComfyUI's checkpoints, then the toy base (last, so a real checkpoint stays the default)."""
+    return folder_paths.get_filename_list("checkpoints") + [TOY_BASE]
 
 
 def checkpoint_path(name: str) -> str:
-    return folder_paths.get_full_path_or_raise("checkpoints", name)
+    return str(TOY_BASE_PATH) if name == TOY_BASE else folder_paths.get_full_path_or_raise("checkpoints", name)
 
 
 def output_folder() -> str:

@@ -2,11 +2,14 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .class_priors import GenerateClassPriors
+from .empty_latent import EmptyLatentForVAE
 from .load_subject import LoadSubjectModel
 from .pick_token import PickRareToken
+from .toy_subject import ToySubjectPhotos
 from .train import DreamBoothTrain
 
 
 class DreamBoothExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel]
+        return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
+                ToySubjectPhotos]

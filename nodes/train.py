@@ -43,8 +43,9 @@ class DreamBoothTrain(io.ComfyNode):
                                        "preservation off."),
                 io.Boolean.Input("train_text_encoder", default=False,
                                  tooltip="Also fine-tune the text encoder: better likeness, more memory."),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
-                             tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x."),
+                io.Int.Input("resolution", default=512, min=32, max=1024, step=32,
+                             tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x, 32 for the toy model. "
+                                     "SD models need a multiple of 64."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Photos per step."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS),
                                tooltip="(custom) adamw8bit uses least memory; auto = adamw8bit on CUDA."),

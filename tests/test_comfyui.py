@@ -1,9 +1,9 @@
-"""The pack inside a real ComfyUI: the example workflow end to end, the stop button, and errors as a user sees them.
+"""The pack inside a real ComfyUI: both example workflows end to end, the stop button, and errors as a user sees them.
 
 Runs only when COMFYUI_DIR points at a ComfyUI checkout whose Python (COMFYUI_PYTHON, default
 $COMFYUI_DIR/.venv/bin/python) has ComfyUI's and this pack's requirements. The server is started with --cpu on
 loopback, on a throw-away base directory holding this pack (linked) and an SD1.5-shaped checkpoint with random
-weights; everything runs at 64 px with a couple of steps.
+weights; the personalize workflow runs on it at 64 px with a couple of steps, the toy workflow as shipped.
 """
 from __future__ import annotations
 
@@ -27,14 +27,19 @@ from PIL import Image
 from tests.tiny import PHOTOS
 from trainer.checkpoint import read_metadata, save_checkpoint
 from trainer.models import build_bundle, shipped_configs
+from trainer.toy import world
+from trainer.toy.evaluators import load_evaluators
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.py").exists(),
                                 reason="set COMFYUI_DIR to a ComfyUI checkout to run the pack in a real ComfyUI")
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "example_workflows" / "dreambooth_personalize.json"
+TOY_WORKFLOW = REPO / "example_workflows" / "dreambooth_toy.json"
 BASE_MODEL = "sd15-random.safetensors"
-PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain", "DBStudioLoadSubjectModel")
+TOY_BASE = "DreamBooth Studio toy base (32 px demo)"  # how the pack's nodes list trainer/toy/base.safetensors
+PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain", "DBStudioLoadSubjectModel",
+              "DBStudioEmptyLatent", "DBStudioToySubjectPhotos")
 
 
 class Server:
@@ -218,15 +223,27 @@ def errors(entry: dict) -> list[dict]:
     return [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
 
 
-def test_pack_loads_with_its_nodes_and_template(server):
+def test_pack_loads_with_its_nodes_and_templates(server):
     for node_id in PACK_NODES:
         assert node_id in server.object_info, server.log()[-3000:]
         info = server.object_info[node_id]
         assert info["category"] == "DreamBooth"
         assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"]), node_id
-    assert server.get("/workflow_templates")["dreambooth_studio"] == ["dreambooth_personalize"]
+    assert sorted(server.get("/workflow_templates")["dreambooth_studio"]) == ["dreambooth_personalize",
+                                                                             "dreambooth_toy"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
 
+
+def checkpoint_options(info: dict) -> list[str]:
+    return info["input"]["required"]["ckpt_name"][1]["options"]
+
+
+def test_the_toy_base_is_offered_by_the_packs_nodes_only(server):
+    for node_id in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain",
+                    "DBStudioLoadSubjectModel"):
+        assert checkpoint_options(server.object_info[node_id]) == [BASE_MODEL, TOY_BASE]  # a real one stays first
+    # ComfyUI's own loader cannot load it, so it is not offered there.
+    assert TOY_BASE not in server.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
 
 
 def test_example_workflow_trains_loads_and_samples(server):
@@ -320,10 +337,10 @@ def failure(server: Server, prompt: dict) -> dict:
 
 def test_node_errors_are_builtin_types_that_name_node_inputs(server):
     pick = {"1": {"class_type": "DBStudioPickRareToken",
-                  "inputs": {"ckpt_name": BASE_MODEL, "class_noun": "  ", "candidates": 2, "seed": 0}},
+                  "inputs": {"ckpt_name": TOY_BASE, "class_noun": "  ", "candidates": 2, "seed": 0}},
             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     priors = {"1": {"class_type": "DBStudioGenerateClassPriors",
-                    "inputs": {"ckpt_name": BASE_MODEL, "class_noun": "", "count": 1, "size": 64, "steps": 1,
+                    "inputs": {"ckpt_name": TOY_BASE, "class_noun": "", "count": 1, "size": 32, "steps": 1,
                                "guidance": 5.0, "seed": 0}},
               "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
     for prompt in (pick, priors):
@@ -340,6 +357,54 @@ def test_node_errors_are_builtin_types_that_name_node_inputs(server):
                                        fused_backward=True))
     assert error["exception_type"] == "ValueError"
     assert "precision 'fp16'" in error["exception_message"] and "mixed_precision" not in error["exception_message"]
+
+
+def sampling_prompt(trained: dict, ckpt_name: str, text: str, prefix: str) -> dict:
+    """The toy workflow's sampling nodes on `ckpt_name` with a fixed prompt (its KSampler settings)."""
+    sampler = next(node["inputs"] for node in trained.values() if node["class_type"] == "KSampler")
+    latent = next(node["inputs"] for node in trained.values() if node["class_type"] == "DBStudioEmptyLatent")
+    return {
+        "1": {"class_type": "DBStudioLoadSubjectModel", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "DBStudioEmptyLatent", "inputs": {**latent, "vae": ["1", 2]}},
+        "5": {"class_type": "KSampler", "inputs": {**sampler, "model": ["1", 0], "positive": ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["4", 0]}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+def saved_images(server: Server, entry: dict) -> list[Image.Image]:
+    saved = [o for out in entry["outputs"].values() for o in out.get("images", []) if o["type"] == "output"]
+    return [Image.open(server.base / "output" / o["subfolder"] / o["filename"]).convert("RGB") for o in saved]
+
+
+def test_toy_workflow_as_shipped_trains_the_toy_subject_and_samples_it(server):
+    prompt = api_prompt(json.loads(TOY_WORKFLOW.read_text()), server.object_info)
+    started = time.monotonic()
+    entry = server.wait(server.queue(prompt))
+    print(f"toy workflow: {time.monotonic() - started:.0f} s")
+    assert entry["status"]["status_str"] == "success", (errors(entry), server.log()[-4000:])
+
+    trigger = read_metadata(server.base / "models" / "checkpoints" / "dreambooth" /
+                            "toy-star.safetensors")["modelspec.trigger_phrase"]
+    assert re.fullmatch(r"an? [a-z]+ star", trigger), trigger
+    steps = [int(n) for n in re.findall(r"\[DreamBooth\] Step (\d+)/400: loss", server.log())]
+    assert steps[0] == 1 and steps[-1] == 400 and len(steps) >= 40  # every 10 steps (or 30 s)
+
+    images = saved_images(server, entry)
+    assert len(images) == 4 and all(image.size == (32, 32) for image in images)
+    # Drawn through ComfyUI's KSampler, the trained model shows the subject; the base model, same prompt and seed,
+    # does not (the toy world's evaluators; the subject's held-out photos score about 0.99 against each other).
+    text = f"{trigger} on a green background"
+    base = saved_images(server, server.wait(server.queue(sampling_prompt(prompt, TOY_BASE, text, "toy-base"))))
+    evaluators = load_evaluators()
+    heldout = [image for image, _ in world.subject_views("heldout")]
+    trained_fidelity = evaluators.subject_fidelity(images, heldout)
+    base_fidelity = evaluators.subject_fidelity(base, heldout)
+    print(f"subject fidelity through ComfyUI: base {base_fidelity:.3f}, trained {trained_fidelity:.3f}")
+    assert trained_fidelity > 0.5 and trained_fidelity - base_fidelity > 0.3, (base_fidelity, trained_fidelity)
 
 
 def test_requeue_reuses_the_result_until_a_photo_changes(server):
