@@ -11,7 +11,7 @@ import folder_paths
 from server import PromptServer
 
 from ..trainer.callbacks import Callbacks, StepInfo
-from .comfy_io import StepLog
+from .comfy_io import StepLog, node_message
 
 Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
@@ -64,8 +64,9 @@ class ComfyCallbacks(Callbacks):
     """Progress bar every step, a status line and loss points for web/, a step line in the server log now and then
     (for headless runs), previews, and the stop button."""
 
-    def __init__(self, node_id: str, total: int):
+    def __init__(self, node_id: str, total: int, renames: dict[str, str] | None = None):
         self.node_id = node_id
+        self.renames = renames or {}  # the engine's setting names -> the node's inputs
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.stop_requested = False
         self.step_log = StepLog()
@@ -97,5 +98,6 @@ class ComfyCallbacks(Callbacks):
             self.update_bar(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
 
     def log(self, message: str) -> None:
+        message = node_message(message, self.renames)
         log(message)
         self.send("status", text=message)

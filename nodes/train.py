@@ -3,14 +3,14 @@ from comfy_api.latest import io, ui
 from ..trainer.config import ATTENTIONS, OPTIMIZERS, PRECISIONS  # light modules: no torch at registration
 from ..trainer.presets import PRESET_NAMES
 from . import comfy_hooks
-from .comfy_io import (folder_fingerprint, image_batch_to_pil, node_message, pil_to_image_batch, plain_errors,
-                       require_class_noun)
+from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch, plain_errors, require_class_noun
 
 CATEGORY = "DreamBooth"
 
-# The engine's setting names -> this node's inputs, for its error messages.
+# The engine's setting names -> this node's inputs, for its errors and log lines. ("output" only as a message's
+# subject: the word also means the file.)
 RENAMES = {"base_model": "ckpt_name", "instance_dir": "instance_folder", "max_train_steps": "steps",
-           "mixed_precision": "precision", "sample_prompts": "sample_prompt"}
+           "mixed_precision": "precision", "sample_prompts": "sample_prompt", "output:": "output_name:"}
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -82,6 +82,9 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Boolean.Input("bf16_weights", default=False, optional=True,
                                  tooltip="(custom) Train bf16 weights with stochastic rounding: half the weight "
                                          "memory. Needs a GPU with bf16 (RTX 30xx and newer)."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace a file of this output_name that was trained from other settings or "
+                                         "photos. Off: such a file is never touched, and the run stops at once."),
             ],
             outputs=[
                 io.AnyType.Output("checkpoint", display_name="checkpoint",
@@ -102,14 +105,12 @@ class DreamBoothTrain(io.ComfyNode):
     def execute(cls, ckpt_name, identifier, class_noun, num_class_images, steps, learning_rate, prior_loss_weight,
                 train_text_encoder, resolution, batch_size, optimizer, attention, gradient_checkpointing, precision,
                 memory_preset, seed, output_name, instance_images=None, instance_folder="", class_images=None,
-                sample_prompt="", fused_backward=False, bf16_weights=False) -> io.NodeOutput:
+                sample_prompt="", fused_backward=False, bf16_weights=False, overwrite=False) -> io.NodeOutput:
         from ..trainer.callbacks import TrainingCancelled
         from ..trainer.checkpoint import output_path
         from ..trainer.config import TrainConfig
         from ..trainer.dataset import SubjectImage
         from ..trainer.loop import train
-        from ..trainer.models import load_tokenizer
-        from ..trainer.tokens import identifier_warnings
         from ..trainer import prompts
         from ..trainer.plots import loss_curve
 
@@ -128,7 +129,7 @@ class DreamBoothTrain(io.ComfyNode):
             max_train_steps=steps, learning_rate=learning_rate, train_text_encoder=train_text_encoder,
             memory_preset=memory_preset, optimizer=optimizer, attention=attention,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=precision, fused_backward=fused_backward,
-            bf16_weights=bf16_weights, seed=seed, device=comfy_hooks.device(),
+            bf16_weights=bf16_weights, overwrite=overwrite, seed=seed, device=comfy_hooks.device(),
             sample_prompts=[sample_prompt.strip() or f"{instance_prompt} on the beach"],
         )
 
@@ -137,10 +138,7 @@ class DreamBoothTrain(io.ComfyNode):
                                                for i, image in enumerate(image_batch_to_pil(batch))]
 
         comfy_hooks.free_comfy_models()
-        callbacks = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, steps)
-        if cfg.identifier:  # an empty one is an error, below
-            for warning in identifier_warnings(cfg.identifier, load_tokenizer("sd1")):  # SD 2.x tokenizes the same
-                callbacks.log(f"Warning: {node_message(warning, RENAMES)}")
+        callbacks = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, steps, RENAMES)
         try:
             with plain_errors(RENAMES):
                 result = train(cfg, callbacks=callbacks, instance_images=as_subjects(instance_images, "instance"),

@@ -66,6 +66,9 @@ def test_engine_messages_are_put_in_the_nodes_words():
     assert node_message("max_train_steps: 0 must be at least 1", TRAIN_RENAMES) == "steps: 0 must be at least 1"
     assert node_message("set --mixed-precision bf16, not mixed_precision_x", TRAIN_RENAMES) == \
         "set precision bf16, not mixed_precision_x"  # whole names only
+    # A plain word is renamed only as the subject of a message: "output" also means the file.
+    assert node_message("output: x exists; choose another output name", {"output:": "output_name:"}) == \
+        "output_name: x exists; choose another output name"
     assert "command" not in node_message(PICK_ADVICE, {}) and "python -m" not in node_message(PICK_ADVICE, {})
     assert node_message(PICK_ADVICE, {}).endswith("with the Pick Rare Token node.")
     with pytest.raises(ConfigError) as raised:

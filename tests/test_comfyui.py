@@ -324,9 +324,20 @@ def test_a_corrupt_photo_gives_an_error_that_names_it(server):
     message = error["exception_message"]
     assert "99-broken.jpg" in message and ("re-export" in message.lower() or "remove" in message.lower())
     assert error["exception_type"] == "ValueError"  # not '<pack folder>.trainer.dataset.ImageError'
-    # A poor identifier is a warning in the log (and on the node), not an error, in the node's words.
-    warnings = [line for line in server.log().splitlines() if "[DreamBooth] Warning:" in line and "'sks'" in line]
-    assert warnings and "Pick Rare Token node" in warnings[0] and "python -m" not in warnings[0]
+
+
+def test_a_poor_identifier_is_a_warning_on_the_node_and_in_the_log_in_the_nodes_words(server):
+    prompt = train_only(server.base / "photos" / "dog", "sks-star", steps=1, ckpt_name=TOY_BASE, identifier="sks",
+                        class_noun="star", resolution=32, prior_loss_weight=0.0, optimizer="adamw")
+    messages = Messages(server.port)
+    try:
+        prompt_id = server.queue(prompt)
+        status = messages.wait_for("dreambooth.status", lambda data: data["text"].startswith("Warning: 'sks'"))
+    finally:
+        messages.close()
+    assert server.wait(prompt_id)["status"]["status_str"] == "success"
+    assert "Pick Rare Token node" in status["text"] and "python -m" not in status["text"]
+    assert f"[DreamBooth] {status['text']}" in server.log()
 
 
 def failure(server: Server, prompt: dict) -> dict:
@@ -420,4 +431,10 @@ def test_requeue_reuses_the_result_until_a_photo_changes(server):
     assert train_ran(server.wait(server.queue(prompt)))
     assert not train_ran(server.wait(server.queue(prompt)))  # same graph, same photos: nothing to do
     Image.open(photos / "00.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "00.jpg")
-    assert train_ran(server.wait(server.queue(prompt)))  # a photo changed behind the same folder path
+    # A photo changed behind the same folder path: the node runs again, and keeps the file trained from the old
+    # photos unless told to replace it, saying so in its own inputs' names.
+    error = failure(server, prompt)
+    assert error["exception_type"] == "ValueError", error
+    assert error["exception_message"].startswith("output_name: ") and "set overwrite" in error["exception_message"]
+    prompt["1"]["inputs"]["overwrite"] = True
+    assert train_ran(server.wait(server.queue(prompt)))
