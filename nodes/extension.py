@@ -10,6 +10,11 @@ from .train import DreamBoothTrain
 
 
 class DreamBoothExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from ..trainer import quiet
+
+        quiet.install()  # three library notices nobody using the pack can act on; nothing else is filtered
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
                 ToySubjectPhotos]
