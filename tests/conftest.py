@@ -79,3 +79,16 @@ def subject_photos(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny SD1 model as a single-file checkpoint (fp32), what a user's --model would be for the command line."""
+    import torch
+
+    from tests.tiny import tiny_bundle
+    from trainer.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors"
+    save_checkpoint(tiny_bundle("sd1"), path, {}, dtype=torch.float32)
+    return path

@@ -1,19 +1,15 @@
 """The command line end to end on a tiny checkpoint file: every sub-command a new user would run."""
 
 import pytest
-import torch
 from PIL import Image
 
 from trainer.__main__ import main
-from trainer.checkpoint import read_metadata, save_checkpoint
-from tests.tiny import tiny_bundle
+from trainer.checkpoint import read_metadata
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors"
-    save_checkpoint(tiny_bundle("sd1"), path, {}, dtype=torch.float32)
-    return path
+def base_model(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,8 @@ from trainer.quiet import install as install_quiet
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors"
-    save_checkpoint(tiny_bundle("sd1"), path, {}, dtype=torch.float32)
-    return path
+def base_model(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
