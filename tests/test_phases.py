@@ -322,3 +322,34 @@ def test_adamw_uses_the_fused_kernel_on_a_gpu(tmp_path):
     assert not make_optimizer(cfg, params, torch.device("cpu")).defaults.get("fused")
     with emulating_gpu(24 * GIB):
         assert make_optimizer(cfg, params, torch.device("cpu")).defaults["fused"]
+
+
+def test_nested_phases_report_their_own_gpu_peaks(monkeypatch):
+    class FakeAllocator:  # torch.cuda's peak counters, which a nested phase resets
+        live = peak = reserved_peak = 0
+
+        def allocate(self, gib):
+            self.live += gib * GIB
+            self.peak, self.reserved_peak = max(self.peak, self.live), max(self.reserved_peak, self.live + GIB)
+
+        def reset(self, device=None):
+            self.peak, self.reserved_peak = self.live, self.live + GIB
+
+    cuda = FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: cuda.peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: cuda.reserved_peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", cuda.reset)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    reports = {}
+
+    class Reports(Watcher):
+        def exited(self, phase, report):
+            reports[phase.name] = (report.peak_allocated / GIB, report.peak_reserved / GIB)
+
+    with phases.watching(Reports()), Phase("training", "cuda"):
+        cuda.allocate(5)
+        cuda.allocate(-3)  # the training's peak (5 GiB) is behind it when previews start
+        with Phase("previews", "cuda"):
+            cuda.allocate(1)
+            cuda.allocate(-1)
+    assert reports == {"previews": (3, 4), "training": (5, 6)}

@@ -96,12 +96,13 @@ class Phase:
         self._stack = contextlib.ExitStack()
         self._placed: list[torch.nn.Module] = []
         self._cuda = self.device.type == "cuda"
-        self._peak_so_far = 0  # this phase's peak before a nested phase reset the counter
+        self._peak_so_far = self._reserved_so_far = 0  # its peaks before a nested phase reset the counters
 
     def __enter__(self) -> "Phase":
         if self._cuda:
             for outer in _open:
                 outer._peak_so_far = max(outer._peak_so_far, torch.cuda.max_memory_allocated(self.device))
+                outer._reserved_so_far = max(outer._reserved_so_far, torch.cuda.max_memory_reserved(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
         _open.append(self)
         for watcher in _watchers:
@@ -145,10 +146,11 @@ class Phase:
         allocated = reserved = None
         if self._cuda:
             allocated = max(self._peak_so_far, torch.cuda.max_memory_allocated(self.device))
-            reserved = torch.cuda.max_memory_reserved(self.device)
+            reserved = max(self._reserved_so_far, torch.cuda.max_memory_reserved(self.device))
             torch.cuda.empty_cache()
             for outer in _open:
                 outer._peak_so_far = max(outer._peak_so_far, allocated)
+                outer._reserved_so_far = max(outer._reserved_so_far, reserved)
         return PhaseReport(self.name, time.monotonic() - self._started, allocated, reserved)
 
     def _notify(self, event: str, tensors: list[torch.Tensor]) -> None:
