@@ -63,8 +63,8 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     precision = training_precision(cfg, device)
     if cfg.compile_unet:
         speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
-    # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
+    # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad(), exclusive(cfg.output):
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
@@ -84,7 +84,8 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     elif not 1 <= len(instance_images) <= 100:
         raise ConfigError(f"instance images: got {len(instance_images)}; DreamBooth needs 3-5 photos of one subject "
                           "(1 to 100 are accepted)")
-    check_output(cfg, bundle, Provenance.of(cfg, bundle, instance_images).request(), callbacks.log)
+    provenance = Provenance.of(cfg, bundle, instance_images)
+    check_output(cfg, bundle, provenance.request(), callbacks.log)
     for warning in _warnings(cfg, bundle, instance_images):
         callbacks.log(f"Warning: {warning}")
     if not cfg.with_prior_preservation:
@@ -98,7 +99,7 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
     state_dir = state_io.state_dir_for(cfg.output)
-    provenance = Provenance.of(cfg, bundle, instance_images, class_images)
+    provenance = provenance.with_class_images(class_images)
     modules = {"unet": bundle.unet}
     if cfg.train_text_encoder:
         modules["text_encoder"] = bundle.text_encoder

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .dataset import image_fingerprint
 
@@ -30,6 +30,9 @@ class Provenance:
         settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in NOT_LEARNING}
         return cls(settings, bundle.source_hash, bundle.source_name, image_fingerprint(instance_images),
                    "" if class_images is None else image_fingerprint(class_images))
+
+    def with_class_images(self, class_images) -> "Provenance":
+        return replace(self, class_images=image_fingerprint(class_images))
 
     def fingerprint(self) -> str:
         """Of everything: what a saved state must match to be resumed."""
