@@ -12,10 +12,12 @@ import torch
 from trainer.bundle import ModelBundle
 from trainer.models import ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs
 
-PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction"}  # SD2.1 is the 768-v model
+PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}  # SD2.1 is the 768-v model
 
 
 def tiny_unet_config(family: str) -> dict:
+    if family == "sdxl":
+        return tiny_sdxl_unet_config()
     sd2 = family == "sd2"
     return {
         "sample_size": 8,
@@ -28,6 +30,28 @@ def tiny_unet_config(family: str) -> dict:
         "cross_attention_dim": 48 if sd2 else 32,
         "attention_head_dim": [2, 4] if sd2 else 4,
         "use_linear_projection": sd2,
+        "norm_num_groups": 32,
+    }
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """SDXL's structure, small: a plain first level, then cross-attention levels with 1 and 2 transformer layers,
+    linear projections, and the text-time embedding (pooled text 48 wide + 6 time ids x 8 = 96 inputs)."""
+    return {
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 1, 2],
+        "cross_attention_dim": 80,  # 32 (CLIP-L's part) + 48 (bigG's part), concatenated
+        "attention_head_dim": [2, 4, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 48 + 6 * 8,
         "norm_num_groups": 32,
     }
 
@@ -48,6 +72,7 @@ def tiny_vae_config() -> dict:
 
 
 def tiny_text_config(family: str) -> dict:
+    """The (first) text encoder: CLIP-L's kind for SD1 and SDXL, OpenCLIP's (gelu, wider) for SD2."""
     sd2 = family == "sd2"
     return {
         "vocab_size": 49408,
@@ -64,11 +89,17 @@ def tiny_text_config(family: str) -> dict:
     }
 
 
+def tiny_text_config_2() -> dict:
+    """SDXL's second text encoder (OpenCLIP bigG's kind: gelu, "!" padding, a projection for the pooled output)."""
+    return {**tiny_text_config("sd2"), "projection_dim": 48}
+
+
 def model_configs(family: str, small: bool) -> ModelConfigs:
-    """Full-size SD1.5 / SD2.1 configs, or with `small` the tiny ones the tests use (for a CPU)."""
+    """Full-size SD1.5 / SD2.1 / SDXL configs, or with `small` the tiny ones the tests use (for a CPU)."""
     if not small:
         return shipped_configs(family)
-    return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family))
+    return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family),
+                        tiny_text_config_2() if family == "sdxl" else None)
 
 
 def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
@@ -79,11 +110,12 @@ def random_bundle(family: str, small: bool, seed: int = 0) -> ModelBundle:
     with torch.device("meta"):
         bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
                               source_name=f"random-{family}",
-                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}")
+                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}",
+                              text_config_2=configs.text_2)
     bundle.noise_scheduler = make_noise_scheduler(PREDICTION_TYPES[family])  # its tables, not on meta
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        for module in bundle.modules:
             module.to_empty(device="cpu")
             for name, tensor in module.named_parameters():
                 if tensor.dim() == 1:

@@ -20,7 +20,7 @@ from trainer import checkpoint
 from trainer.checkpoint import output_path, read_metadata, save_checkpoint
 from trainer.bundle import ModelBundle
 
-MODULES = ("unet", "vae", "text_encoder")
+MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL only
 CALLER_METADATA = {
     "modelspec.title": "zwx dog",
     "modelspec.trigger_phrase": "a zwx dog",
@@ -35,8 +35,8 @@ CALLER_METADATA = {
 def randomized(bundle: ModelBundle) -> ModelBundle:
     """Give every weight its own random values: fresh norms are all ones and zeros, which would hide swaps."""
     with torch.no_grad():
-        for name in MODULES:
-            for parameter in getattr(bundle, name).parameters():
+        for module in bundle.modules:
+            for parameter in module.parameters():
                 parameter.normal_()
     return bundle
 
@@ -51,7 +51,8 @@ def without_text_model(state: dict) -> dict:
 
 
 def module_states(bundle: ModelBundle) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: without_text_model(getattr(bundle, name).state_dict()) for name in MODULES}
+    return {name: without_text_model(getattr(bundle, name).state_dict()) for name in MODULES
+            if getattr(bundle, name) is not None}
 
 
 def diffusers_import(ldm: dict[str, torch.Tensor], bundle: ModelBundle) -> dict[str, dict[str, torch.Tensor]]:
@@ -60,9 +61,13 @@ def diffusers_import(ldm: dict[str, torch.Tensor], bundle: ModelBundle) -> dict[
         text = convert_open_clip_checkpoint(bundle.text_encoder, ldm)
     else:
         text = convert_ldm_clip_checkpoint(ldm)
-    return {"unet": convert_ldm_unet_checkpoint(ldm, dict(bundle.unet.config)),
-            "vae": convert_ldm_vae_checkpoint(ldm, dict(bundle.vae.config)),
-            "text_encoder": without_text_model(text)}
+    imported = {"unet": convert_ldm_unet_checkpoint(ldm, dict(bundle.unet.config)),
+                "vae": convert_ldm_vae_checkpoint(ldm, dict(bundle.vae.config)),
+                "text_encoder": without_text_model(text)}
+    if bundle.family == "sdxl":
+        imported["text_encoder_2"] = without_text_model(
+            convert_open_clip_checkpoint(bundle.text_encoder_2, ldm, prefix="conditioner.embedders.1.model."))
+    return imported
 
 
 def exported(bundle: ModelBundle, tmp_path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -71,7 +76,8 @@ def exported(bundle: ModelBundle, tmp_path: Path, dtype: torch.dtype = torch.flo
     return load_file(path)
 
 
-@pytest.mark.parametrize("family, prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")])
+@pytest.mark.parametrize("family, prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction"),
+                                                     ("sdxl", "epsilon")])
 def test_diffusers_converters_read_back_every_weight_exactly(tmp_path, family, prediction_type):
     bundle = distinct_bundle(family, prediction_type)
     imported = diffusers_import(exported(bundle, tmp_path), bundle)
@@ -81,18 +87,39 @@ def test_diffusers_converters_read_back_every_weight_exactly(tmp_path, family, p
             assert torch.equal(imported[name][key], tensor), f"{name}: {key}"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_file_holds_one_ldm_tensor_per_weight_and_nothing_else(tmp_path, family):
     bundle = distinct_bundle(family)
     keys = exported(bundle, tmp_path).keys()
-    text_prefix = "cond_stage_model."
+    text_prefix = "conditioner." if family == "sdxl" else "cond_stage_model."
     states = module_states(bundle)
-    # SD2 merges each layer's q, k, v weights and biases (6 tensors) into in_proj_weight and in_proj_bias (2).
-    merged = 4 * bundle.text_encoder.config.num_hidden_layers if family == "sd2" else 0
+    # OpenCLIP (SD2's encoder, SDXL's second) merges each layer's q, k, v weights and biases (6 tensors) into
+    # in_proj_weight and in_proj_bias (2).
+    open_clip = bundle.text_encoder_2 if family == "sdxl" else bundle.text_encoder if family == "sd2" else None
+    merged = 4 * open_clip.config.num_hidden_layers if open_clip is not None else 0
+    text_weights = len(states["text_encoder"]) + len(states.get("text_encoder_2", {}))
     assert sum(key.startswith("model.diffusion_model.") for key in keys) == len(states["unet"])
     assert sum(key.startswith("first_stage_model.") for key in keys) == len(states["vae"])
-    assert sum(key.startswith(text_prefix) for key in keys) == len(states["text_encoder"]) - merged
+    assert sum(key.startswith(text_prefix) for key in keys) == text_weights - merged
     assert all(key.startswith(("model.diffusion_model.", "first_stage_model.", text_prefix)) for key in keys)
+
+
+def test_sdxl_keys_are_where_comfyui_and_a1111_look(tmp_path):
+    bundle = distinct_bundle("sdxl")
+    ldm = exported(bundle, tmp_path)
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in ldm
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias" in ldm
+    bigg = "conditioner.embedders.1.model."
+    assert {bigg + "token_embedding.weight", bigg + "positional_embedding", bigg + "ln_final.weight",
+            bigg + "transformer.resblocks.1.attn.in_proj_weight"} <= ldm.keys()
+    # OpenCLIP applies x @ text_projection: the transpose of transformers' Linear weight.
+    assert torch.equal(ldm[bigg + "text_projection"], bundle.text_encoder_2.text_projection.weight.T)
+    embedding = bundle.unet.add_embedding
+    assert torch.equal(ldm["model.diffusion_model.label_emb.0.0.weight"], embedding.linear_1.weight)
+    assert torch.equal(ldm["model.diffusion_model.label_emb.0.2.bias"], embedding.linear_2.bias)
+    # The first level has no attention; the second level's two transformer layers keep their numbers.
+    assert not any(key.startswith("model.diffusion_model.input_blocks.1.1.") for key in ldm)
+    assert "model.diffusion_model.input_blocks.7.1.transformer_blocks.1.attn2.to_k.weight" in ldm
 
 
 def test_sd1_text_encoder_keys_are_where_comfyui_looks(tmp_path):
@@ -131,6 +158,8 @@ def test_vae_attention_is_stored_as_1x1_convolutions(tmp_path):
     ("sd1", "epsilon", "stable-diffusion-v1", "epsilon"),
     ("sd2", "v_prediction", "stable-diffusion-v2-768-v", "v"),
     ("sd2", "epsilon", "stable-diffusion-v2-512", "epsilon"),
+    ("sdxl", "epsilon", "stable-diffusion-xl-v1-base", "epsilon"),
+    ("sdxl", "v_prediction", "stable-diffusion-xl-v1-base", "v"),
 ])
 def test_metadata_describes_the_model(tmp_path, family, prediction_type, architecture, spec):
     bundle = distinct_bundle(family, prediction_type)
@@ -149,6 +178,9 @@ def test_metadata_describes_the_model(tmp_path, family, prediction_type, archite
     assert (text["hidden_size"], text["hidden_act"]) == (bundle.text_encoder.config.hidden_size,
                                                          bundle.text_encoder.config.hidden_act)
     assert ("v_pred" in load_file(path)) == (prediction_type == "v_prediction")
+    if family == "sdxl":
+        text_2 = json.loads(metadata["dreambooth.text_2_config"])
+        assert text_2["hidden_size"] == bundle.text_encoder_2.config.hidden_size
 
 
 def test_weights_are_stored_in_the_requested_dtype(tmp_path):

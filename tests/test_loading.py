@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from tests.test_checkpoint import MODULES, distinct_bundle, randomized
-from tests.tiny import tiny_text_config, tiny_unet_config, tiny_vae_config
+from tests.tiny import tiny_bundle, tiny_text_config, tiny_unet_config, tiny_vae_config
 from trainer import models
 from trainer.checkpoint import ldm_state_dict, read_metadata, save_checkpoint
 from trainer.bundle import ModelBundle
@@ -25,6 +25,9 @@ V_PROBE = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.b
 def assert_same_modules(loaded: ModelBundle, original: ModelBundle, keys=None) -> None:
     """Same names, dtypes and (for `keys`, default all) bit-identical values."""
     for name in MODULES:
+        assert (getattr(loaded, name) is None) == (getattr(original, name) is None), name
+        if getattr(original, name) is None:
+            continue
         got, want = getattr(loaded, name).state_dict(), getattr(original, name).state_dict()
         assert got.keys() == want.keys(), name
         for key in want if keys is None else keys(list(want)):
@@ -47,7 +50,8 @@ def rewrite(path: Path, keep=lambda key: True, rename=lambda key: key, add: dict
 
 # --- loading what we export -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")])
+@pytest.mark.parametrize("family, prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction"),
+                                                     ("sdxl", "epsilon"), ("sdxl", "v_prediction")])
 def test_load_returns_the_exported_modules_bit_for_bit(tmp_path, family, prediction_type):
     original = distinct_bundle(family, prediction_type)
     path = export(original, tmp_path / "subject.safetensors")
@@ -60,14 +64,21 @@ def test_load_returns_the_exported_modules_bit_for_bit(tmp_path, family, predict
     ids = loaded.tokenizer("a sks dog", padding="max_length", return_tensors="pt").input_ids
     assert ids[0, :5].tolist() == [49406, 320, 48136, 1929, 49407]
     with torch.no_grad():  # also checks what no state dict holds, e.g. CLIP's position ids
-        assert torch.equal(loaded.text_encoder(ids).last_hidden_state, original.text_encoder(ids).last_hidden_state)
+        for got, want in zip(loaded.text_encoders, original.text_encoders, strict=True):
+            assert torch.equal(got(ids).last_hidden_state, want(ids).last_hidden_state)
     assert all(parameter.requires_grad for parameter in loaded.unet.parameters())
+    if family == "sdxl":  # the second tokenizer pads with "!" (id 0), as OpenCLIP does
+        ids_2 = loaded.tokenizer_2("a sks dog", padding="max_length", return_tensors="pt").input_ids
+        assert ids_2[0, :6].tolist() == [49406, 320, 48136, 1929, 49407, 0]
+        assert ids[0, 5].item() == 49407
 
 
-def test_load_casts_to_the_requested_dtype(tmp_path):
-    original = distinct_bundle("sd1")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_load_casts_to_the_requested_dtype(tmp_path, family):
+    original = distinct_bundle(family)
     loaded = load_model(export(original, tmp_path / "model.safetensors"), dtype=torch.float16)
-    assert {p.dtype for name in MODULES for p in getattr(loaded, name).parameters()} == {torch.float16}
+    assert len(loaded.modules) == len(original.modules)
+    assert {p.dtype for module in loaded.modules for p in module.parameters()} == {torch.float16}
     assert torch.equal(loaded.unet.conv_in.weight, original.unet.conv_in.weight.half())
 
 
@@ -259,16 +270,19 @@ def test_full_size_checkpoint_without_our_metadata_loads_through_shipped_configs
 
 # --- diffusers folders --------------------------------------------------------------------------------------------
 
-def save_diffusers_folder(bundle: ModelBundle, folder: Path, scheduler_prediction: str | None) -> Path:
+def save_diffusers_folder(bundle: ModelBundle, folder: Path, scheduler_prediction: str | None,
+                          zero_snr: bool = False) -> Path:
     for name in MODULES:
-        getattr(bundle, name).save_pretrained(folder / name)
+        if getattr(bundle, name) is not None:
+            getattr(bundle, name).save_pretrained(folder / name)
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
     if scheduler_prediction:
         (folder / "scheduler").mkdir()
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-            {"_class_name": "DDPMScheduler", "prediction_type": scheduler_prediction}))
+            {"_class_name": "DDPMScheduler", "prediction_type": scheduler_prediction,
+             "rescale_betas_zero_snr": zero_snr}))
     return folder
 
 
@@ -282,6 +296,25 @@ def test_diffusers_folders_load(tmp_path):
     assert (loaded_sd2.family, loaded_sd2.prediction_type) == ("sd2", "v_prediction")
     assert loaded_sd2.source_name == "sd2-model"
     assert len(loaded_sd1.source_hash) == 64 and loaded_sd1.source_hash != loaded_sd2.source_hash
+
+
+def test_sdxl_diffusers_folder_loads_with_its_zero_snr_schedule(tmp_path):
+    sdxl = distinct_bundle("sdxl")
+    loaded = load_model(save_diffusers_folder(sdxl, tmp_path / "xl-model", "v_prediction", zero_snr=True))
+    assert_same_modules(loaded, sdxl)
+    assert (loaded.family, loaded.prediction_type, loaded.zero_terminal_snr) == ("sdxl", "v_prediction", True)
+    assert loaded.noise_scheduler.alphas_cumprod[-1] < 1e-6  # the last step is pure noise
+
+
+def test_sdxl_prediction_markers_round_trip_and_can_be_overridden(tmp_path):
+    path = export(tiny_bundle("sdxl", "v_prediction", zero_terminal_snr=True), tmp_path / "noob-vpred.safetensors")
+    assert {"v_pred", "ztsnr"} <= load_file(path).keys()  # what ComfyUI reads for SDXL descendants
+    loaded = load_model(path)
+    assert (loaded.prediction_type, loaded.zero_terminal_snr) == ("v_prediction", True)
+    assert "v_pred" not in loaded.passthrough and "ztsnr" not in loaded.passthrough
+    plain = load_model(path, "epsilon", zero_terminal_snr=False)
+    assert (plain.prediction_type, plain.zero_terminal_snr) == ("epsilon", False)
+    assert load_model(export(tiny_bundle("sdxl"), tmp_path / "base.safetensors")).zero_terminal_snr is False
 
 
 def test_file_hash_is_memoised_until_the_file_changes(tmp_path):
@@ -328,9 +361,18 @@ def test_pickles_are_refused_without_being_opened(tmp_path, suffix):
     assert not marker.exists()
 
 
-def _sdxl(tmp_path):
-    return keys_file(tmp_path, ["model.diffusion_model.input_blocks.0.0.weight",
-                                "conditioner.embedders.1.model.positional_embedding"])
+def _sdxl_refiner(tmp_path):
+    return keys_file(tmp_path, ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+                                "conditioner.embedders.0.model.positional_embedding"])
+
+
+def _sdxl_turbo(tmp_path):
+    return export(tiny_bundle("sdxl"), tmp_path / "sd_xl_turbo_1.0.safetensors")
+
+
+def _sdxl_lightning_by_metadata(tmp_path):
+    return export(tiny_bundle("sdxl"), tmp_path / "my-model.safetensors",
+                  {"modelspec.title": "Juggernaut XL Lightning"})
 
 
 def _inpainting(tmp_path):
@@ -364,10 +406,13 @@ def _without_our_configs(tmp_path):
     (lambda tmp_path: keys_file(tmp_path, ["x"], "model.gguf"), ["not a .safetensors file", "diffusers folder"]),
     (_renamed_pickle, ["pickle", "CheckpointSave"]),
     (_truncated, ["truncated or corrupt", "download or export it again"]),
-    (_sdxl, ["Stable Diffusion XL", "Stable Diffusion 1.x and 2.x", "SD1.5 or SD2.1"]),
+    (_sdxl_refiner, ["SDXL refiner", "train the SDXL base"]),
+    (_sdxl_turbo, ["distilled few-step SDXL", "'turbo'", "Train the SDXL base"]),
+    (_sdxl_lightning_by_metadata, ["distilled few-step SDXL", "'lightning'"]),
     (lambda tmp_path: keys_file(tmp_path, ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]),
-     ["Stable Diffusion 3", "SD1.5 or SD2.1"]),
-    (lambda tmp_path: keys_file(tmp_path, ["double_blocks.0.img_attn.norm.key_norm.scale"]), ["Flux", "SD1.5 or SD2.1"]),
+     ["Stable Diffusion 3", "SD1.x, SD2.x or SDXL"]),
+    (lambda tmp_path: keys_file(tmp_path, ["double_blocks.0.img_attn.norm.key_norm.scale"]),
+     ["Flux", "SD1.x, SD2.x or SDXL"]),
     (lambda tmp_path: keys_file(tmp_path, ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]),
      ["LoRA", "base checkpoint"]),
     (lambda tmp_path: keys_file(tmp_path, ["down_blocks.0.attentions.0.proj_in.lora_A.weight"]), ["LoRA"]),
@@ -376,7 +421,8 @@ def _without_our_configs(tmp_path):
     (lambda tmp_path: keys_file(tmp_path, ["encoder.conv_in.weight", "decoder.up.0.block.0.conv1.weight"]),
      ["holds a VAE,", "full checkpoint"]),
     (_only("model.diffusion_model."), ["holds a UNet,", "full checkpoint"]),
-    (_without_our_configs, ["does not match the standard SD1 layout", "model.diffusion_model.", "standard SD1.x"]),
+    (_without_our_configs, ["does not match the standard SD 1.x layout", "model.diffusion_model.",
+                            "choose a standard SD 1.x checkpoint"]),
 ])
 def test_unusable_files_are_refused_with_the_file_and_the_fix(tmp_path, make, expected):
     path = make(tmp_path)

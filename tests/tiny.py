@@ -1,4 +1,4 @@
-"""Tiny SD1- and SD2-shaped models (random weights) built from config (bench/models.py's tiny configs), for CPU tests."""
+"""Tiny SD1-, SD2- and SDXL-shaped models (random weights) built from config (bench/models.py's tiny configs), for CPU tests."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.models import tiny_text_config, tiny_unet_config, tiny_vae_config
+from bench.models import tiny_text_config, tiny_text_config_2, tiny_unet_config, tiny_vae_config
 from trainer.bundle import ModelBundle
 from trainer.models import build_bundle
 
@@ -14,11 +14,14 @@ from trainer.models import build_bundle
 PHOTOS = Path(__file__).resolve().parent / "data" / "dreambooth"
 
 
-def tiny_bundle(family: str = "sd1", prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
+def tiny_bundle(family: str = "sd1", prediction_type: str = "epsilon", seed: int = 0,
+                zero_terminal_snr: bool = False) -> ModelBundle:
     torch.manual_seed(seed)
     bundle = build_bundle(family, prediction_type, tiny_unet_config(family), tiny_vae_config(),
-                          tiny_text_config(family), source_name=f"tiny-{family}.safetensors")
-    for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+                          tiny_text_config(family), source_name=f"tiny-{family}.safetensors",
+                          text_config_2=tiny_text_config_2() if family == "sdxl" else None,
+                          zero_terminal_snr=zero_terminal_snr)
+    for module in bundle.modules:
         module.eval()
     return bundle
 

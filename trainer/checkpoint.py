@@ -26,12 +26,14 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from .families import Family
+
     from .bundle import ModelBundle
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
 V_PRED_KEY = "v_pred"  # ComfyUI's marker for v-prediction checkpoints: an empty tensor
+ZTSNR_KEY = "ztsnr"  # beside v_pred: trained with zero terminal SNR (some SDXL descendants); ComfyUI reads it too
 
 SPEC_PREDICTION_TYPE = {"epsilon": "epsilon", "v_prediction": "v"}  # diffusers name -> ModelSpec name
 
@@ -64,6 +66,8 @@ def _unet_blocks(config: dict, keys: set[str]) -> Blocks:
         "conv_in.": ("input_blocks.0.0.", _SAME),
         "time_embedding.linear_1.": ("time_embed.0.", _SAME),
         "time_embedding.linear_2.": ("time_embed.2.", _SAME),
+        "add_embedding.linear_1.": ("label_emb.0.0.", _SAME),  # SDXL's text-time embedding
+        "add_embedding.linear_2.": ("label_emb.0.2.", _SAME),
         "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
         "mid_block.attentions.0.": ("middle_block.1.", _SAME),
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
@@ -132,7 +136,7 @@ def _rename(state: dict[str, torch.Tensor], blocks: Blocks, prefix: str, what: s
         block = _block_of(key, blocks)
         if block is None:
             raise ValueError(f"{what} weight {key!r} has no place in the LDM checkpoint layout; "
-                             "only SD1.x/SD2.x-style models can be exported")
+                             "only SD1.x/SD2.x/SDXL-style models can be exported")
         ldm_block, renames = blocks[block]
         out[prefix + ldm_block + _renamed_start(key[len(block):], renames)] = tensor
     return out
@@ -159,6 +163,9 @@ def _open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     """HF CLIP names -> OpenCLIP names, merging each layer's q/k/v projections into one in_proj."""
     out = {}
     for key, tensor in state.items():
+        if key == "text_projection.weight":  # OpenCLIP multiplies x @ text_projection: the Linear's transpose
+            out[prefix + "text_projection"] = tensor.T
+            continue
         if not key.startswith("encoder.layers."):
             out[prefix + _renamed_start(key, _OPEN_CLIP_TOP)] = tensor
             continue
@@ -173,40 +180,35 @@ def _open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return out
 
 
-def text_encoder_to_ldm(text_encoder: CLIPTextModel, family: str) -> dict[str, torch.Tensor]:
-    state = _clip_state(text_encoder)
-    if family == "sd2":
-        return _open_clip(state, TEXT_PREFIX["sd2"])
-    return {TEXT_PREFIX["sd1"] + key: tensor for key, tensor in state.items()}
+def text_encoders_to_ldm(text_encoders: list[torch.nn.Module], family: Family) -> dict[str, torch.Tensor]:
+    """Each text encoder under its family's single-file prefix, in CLIP or OpenCLIP layout."""
+    out = {}
+    for encoder, slot in zip(text_encoders, family.text_encoders, strict=True):
+        state = _clip_state(encoder)
+        out.update(_open_clip(state, slot.prefix) if slot.open_clip
+                   else {slot.prefix + key: tensor for key, tensor in state.items()})
+    return out
 
 
-def modules_to_ldm(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                   family: str) -> dict[str, torch.Tensor]:
-    """The three modules' weights under their LDM names (works on meta-device modules too: names and shapes)."""
-    return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(text_encoder, family)}
+def modules_to_ldm(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoders: list[torch.nn.Module],
+                   family: Family) -> dict[str, torch.Tensor]:
+    """The modules' weights under their LDM names (works on meta-device modules too: names and shapes)."""
+    return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoders_to_ldm(text_encoders, family)}
 
 
 def ldm_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """Everything a single-file checkpoint of this bundle holds: the modules, the base file's unused tensors and
-    ComfyUI's v-prediction marker."""
+    ComfyUI's v-prediction (and zero-terminal-SNR) markers."""
     state = dict(bundle.passthrough)
-    state.update(modules_to_ldm(bundle.unet, bundle.vae, bundle.text_encoder, bundle.family))
+    state.update(modules_to_ldm(bundle.unet, bundle.vae, bundle.text_encoders, bundle.spec))
     if bundle.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.tensor([])
+    if bundle.zero_terminal_snr:
+        state[ZTSNR_KEY] = torch.tensor([])
     return state
 
 
 # --- metadata --------------------------------------------------------------------------------------------------
-
-_IMPLEMENTATION = {"sd1": "https://github.com/CompVis/stable-diffusion",
-                   "sd2": "https://github.com/Stability-AI/stablediffusion"}
-
-
-def _architecture(bundle: ModelBundle) -> str:
-    if bundle.family == "sd1":
-        return "stable-diffusion-v1"
-    return "stable-diffusion-v2-768-v" if bundle.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-
 
 def _config_json(config) -> str:
     if hasattr(config, "to_diff_dict"):  # a transformers config
@@ -218,13 +220,14 @@ def format_metadata(bundle: ModelBundle) -> dict[str, str]:
     """The metadata keys save_checkpoint owns: ModelSpec's description of the model and our module configs."""
     return {
         meta.SPEC_VERSION: "1.0.0",
-        meta.ARCHITECTURE: _architecture(bundle),
-        meta.IMPLEMENTATION: _IMPLEMENTATION[bundle.family],
+        meta.ARCHITECTURE: bundle.spec.architecture(bundle.prediction_type),
+        meta.IMPLEMENTATION: bundle.spec.implementation,
         meta.PREDICTION_TYPE: SPEC_PREDICTION_TYPE[bundle.prediction_type],
         meta.DATE: datetime.now().astimezone().isoformat(timespec="seconds"),
         meta.CONFIGS["unet"]: _config_json(bundle.unet.config),
         meta.CONFIGS["vae"]: _config_json(bundle.vae.config),
-        meta.CONFIGS["text"]: _config_json(bundle.text_encoder.config),
+        **{meta.CONFIGS[part]: _config_json(encoder.config)
+           for part, encoder in zip(("text", "text_2"), bundle.text_encoders)},
     }
 
 

@@ -11,7 +11,8 @@ TITLE = "modelspec.title"
 TRIGGER_PHRASE = "modelspec.trigger_phrase"
 
 # Ours. The module configs as JSON, so any shape (tiny test models included) loads back as it was.
-CONFIGS = {"unet": "dreambooth.unet_config", "vae": "dreambooth.vae_config", "text": "dreambooth.text_config"}
+CONFIGS = {"unet": "dreambooth.unet_config", "vae": "dreambooth.vae_config", "text": "dreambooth.text_config",
+           "text_2": "dreambooth.text_2_config"}  # text_2: SDXL's second text encoder
 IDENTIFIER = "dreambooth.identifier"
 CLASS_NOUN = "dreambooth.class_noun"
 BASE_MODEL = "dreambooth.base_model"
