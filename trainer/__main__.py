@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
-        description="DreamBooth for Stable Diffusion 1.x/2.x: teach a checkpoint your subject from 3-5 photos.",
+        description="DreamBooth for Stable Diffusion 1.x, 2.x and XL (and models built on them: Pony, Illustrious, "
+                    "NoobAI...): teach a checkpoint your subject from 3-5 photos. The family is read from the file; "
+                    "SDXL trains at 1024 px unless --resolution says otherwise.",
         epilog="Typical run: pick-token, then train (class images are generated and cached on the way), "
                "then sample. Each sub-command has its own --help.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -92,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_sampling_options(parser, steps: int) -> None:
     parser.add_argument("--size", type=int, help="image width and height in pixels (default: the model's own, "
-                                                 "512 for SD 1.5)")
+                                                 "512 for SD 1.5, 1024 for SDXL)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps ({steps})")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (7.5)")
     parser.add_argument("--sampler", default="euler_a", help="ddim, euler, euler_a or dpmpp_2m (euler_a)")
