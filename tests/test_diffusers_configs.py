@@ -96,7 +96,7 @@ def test_sd2_epsilon_files_get_the_readme_scheduler():
     assert torch.equal(scheduler.alphas_cumprod, make_noise_scheduler("epsilon").alphas_cumprod)
 
 
-@pytest.mark.slow  # SD: 15-20 s and 7-8 GB of RAM, SDXL: TODO s and TODO GB (diffusers builds fp32 modules, then casts)
+@pytest.mark.slow  # 10-25 s a family; with accelerate (requirements-dev.txt) diffusers needs no more RAM than the file
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_diffusers_loads_our_checkpoint_with_the_shipped_folder(tmp_path, family):
     bundle, share_pool = full_size_bundle(family)
@@ -114,7 +114,8 @@ def test_diffusers_loads_our_checkpoint_with_the_shipped_folder(tmp_path, family
     finally:
         logging.getLogger("diffusers").removeHandler(warnings)
         path.unlink()  # 2-7 GB; pytest keeps the temporary folders of the last three runs
-    assert warnings.messages == []
+    # (Besides diffusers' note on its own fp16 cast of modules it would keep in fp32, which is not about the file.)
+    assert [message for message in warnings.messages if not message.startswith("There are modules in")] == []
 
     # Same names and bit-identical values: a weight diffusers did not find would keep its fresh initialisation.
     for name in MODULES:
