@@ -15,7 +15,8 @@ from .prompts import class_prompt
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
 _ALIASES = {"base_model": ["--model"], "instance_dir": ["--images"]}
 _SECTIONS = {"base_model": "what to learn", "with_prior_preservation": "prior preservation",
-             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews"}
+             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews",
+             "evaluate_every": "knowing when it worked"}
 
 
 def main(argv: list[str] | None = None) -> int:
