@@ -44,6 +44,8 @@ class Evaluation:
     prompts: list[str]  # the subject in contexts, e.g. "a zwx dog in the snow"
     class_prompt: str  # "a dog"
     seeds: tuple[int, ...] = SEEDS
+    sampler: str = "euler_a"  # how the samples are drawn (the steps are the run's sample_steps)
+    guidance: float = 7.5
 
     @classmethod
     def in_contexts(cls, scorer: ImageScorer, photos: list[Image.Image], subject: str, class_prompt: str,

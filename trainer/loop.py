@@ -180,8 +180,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
 
     def evaluate() -> bool:
         """Score this step; keep its weights if it is the best so far. True: fidelity stopped rising, stop here."""
-        scores = evaluation.score(position.step, lambda prompts, seeds: _draw(bundle, cfg, device, precision,
-                                                                               prompts, seeds))
+        scores = evaluation.score(position.step, lambda prompts, seeds: _draw(
+            bundle, cfg, device, precision, prompts, seeds, sampler=evaluation.sampler, guidance=evaluation.guidance))
         if best.add(scores) and position.step < cfg.max_train_steps:
             save_checkpoint(bundle, best_file_for(cfg.output),
                             _output_metadata(cfg, bundle, position.step, provenance, best.history),
@@ -495,7 +495,7 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
         return []
 
 
-def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None) -> list:
+def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
     """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
     precision (the previews phase: everything it borrowed leaves the GPU when it ends)."""
     frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
@@ -504,7 +504,7 @@ def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], 
         phase.borrow(*frozen, dtype=half)
         return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
                              steps=cfg.sample_steps, batch_size=1,
-                             autocast=precision or (half if half != torch.float32 else None))
+                             autocast=precision or (half if half != torch.float32 else None), **sampling)
 
 
 def _save_output(cfg, bundle, steps: int, provenance: Provenance, evaluations: list[StepScores]) -> None:
