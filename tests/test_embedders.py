@@ -320,3 +320,46 @@ def test_load_embedders_reports_what_is_missing_and_where_to_put_it(models, tmp_
     assert (none.dino, none.clip) == (None, None) and "does not exist" in none.notes[0]
     with pytest.raises(EmbedderError, match="is a CLIP .*not a DINO model"):
         measure.load_embedders([], dino=models["files"] / "clip-vision.safetensors", clip="none")
+
+
+# --- the command line, the whole path ------------------------------------------------------------------------------
+
+def test_evaluate_command_scores_folders_with_the_models_given(models, tmp_path, capsys):
+    from tests.tiny import PHOTOS
+    from trainer.__main__ import main
+
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for i, photo in enumerate(sorted((PHOTOS / "cat").glob("*.jpg"))):
+        shutil.copy(photo, generated / f"{i:03d}.jpg")
+    (generated / "000.txt").write_text("a zwx cat on the beach")
+    table = tmp_path / "table.png"
+    code = main(["evaluate", "--photos", str(PHOTOS / "dog"), "--generated", str(generated), "--prompt",
+                 "a zwx cat in the snow", "--class-samples", str(PHOTOS / "cat"), "--identifier", "zwx",
+                 "--models", str(models["root"]), "--table", str(table)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+
+    # The DINO score by hand, with transformers' own processor and model (auto picked DINO v1 over DINOv2).
+    def cls_tokens(folder):
+        batch = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
+        with torch.no_grad():
+            return models["dino"](pixel_values=pixels(hf_processor("ViTImageProcessor", DINO_V1_PREPROCESSOR),
+                                                      batch)).last_hidden_state[:, 0]
+    gen, photos = cls_tokens(generated), cls_tokens(PHOTOS / "dog")
+    expected = torch.nn.functional.cosine_similarity(gen[:, None], photos[None], dim=-1).mean()
+    assert lines["DINO"].split()[1:3] == [f"{expected:.4f}", "higher"], out
+    assert "DINO ViT/8 (dino-vits-folder)" in lines["DINO"] and "3 generated x 5 photos" in lines["DINO"]
+    assert "(clip-full.safetensors)" in lines["CLIP-I"]  # a full CLIP (CLIP-T too), the smallest
+    assert "3 images with their prompts" in lines["CLIP-T"]
+    assert "3 class samples x 5 photos" in lines["PRES"]
+    assert "DIV     skipped" in out and "DIV: DIV needs LPIPS" in out
+    assert Image.open(table).size[0] > 200
+
+    code = main(["evaluate", "--photos", str(PHOTOS / "dog"), "--generated", str(generated)])
+    out = capsys.readouterr().out
+    assert code == 0 and "DINO    skipped" in out and "no --models given" in out
+    assert "put the paper's DINO ViT-S/16" in out and "models/dino-vits16/" in out
+    assert main(["evaluate", "--photos", str(PHOTOS / "dog")]) == 2
+    assert "give --generated" in capsys.readouterr().err
