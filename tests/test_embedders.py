@@ -311,11 +311,15 @@ def test_auto_picks_the_papers_dino_and_a_clip_with_text(models, tmp_path):
     assert measure.choose([*found, papers], DINO) is papers
 
 
-def test_load_embedders_reports_what_is_missing_and_where_to_put_it(models, tmp_path):
+def test_load_embedders_loads_what_there_is_and_measure_says_where_the_rest_goes(models, tmp_path):
     loaded = measure.load_embedders([models["files"] / "clip-vision.safetensors"], home="/comfy/models/x")
-    assert loaded.dino is None and loaded.clip is not None and not loaded.clip.has_text
-    assert len(loaded.notes) == 1 and "no DINO model found: put the paper's DINO ViT-S/16" in loaded.notes[0]
-    assert "/comfy/models/x/dino-vits16/" in loaded.notes[0]
+    assert loaded.dino is None and loaded.clip is not None and not loaded.clip.has_text and loaded.notes == []
+    photo = [Image.new("RGB", (40, 40), (200, 10, 10))]
+    rows = {row.metric: row for row in measure.measure(photo, photo, ["a zwx dog"], models=loaded)}
+    assert rows["CLIP-I"].value == pytest.approx(1.0, abs=1e-5)  # an image against itself
+    assert "put the paper's DINO ViT-S/16" in rows["DINO"].note and "/comfy/models/x/dino-vits16/" in rows["DINO"].note
+    assert "CLIP-T needs the text half" in rows["CLIP-T"].note
+    assert "/comfy/models/x/clip-vit-large-patch14/" in rows["CLIP-T"].note
     none = measure.load_embedders([tmp_path / "absent"], dino="none", clip="none")
     assert (none.dino, none.clip) == (None, None) and "does not exist" in none.notes[0]
     with pytest.raises(EmbedderError, match="is a CLIP .*not a DINO model"):

@@ -124,8 +124,9 @@ def test_measure_skips_what_it_cannot_compute_and_says_why():
                                                        models=measure.Embedders(home="/models/here"))}
     assert all(row.value is None for row in rows.values())
     assert "no DINO model" in rows["DINO"].note and "/models/here/dino-vits16/" in rows["DINO"].note
-    assert "no CLIP model" in rows["CLIP-I"].note and "/models/here/clip-vit-large-patch14/" in rows["CLIP-T"].note
-    assert "no DINO model" in rows["PRES"].note
+    assert "no CLIP model" in rows["CLIP-I"].note and "/models/here/clip-vit-large-patch14/" in rows["CLIP-I"].note
+    assert rows["CLIP-T"].note == "needs a CLIP model, as CLIP-I does"
+    assert rows["PRES"].note == "needs a DINO model, as DINO does"
 
     vision_only = FakeEmbedder(CLIP)
     rows = {row.metric: row for row in measure.measure(photos, generated, ["a zwx dog"],

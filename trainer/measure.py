@@ -25,11 +25,10 @@ from .embedders import CLIP, DINO, Embedder, EmbedderError, ModelInfo
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 WHERE_DINO = ("the paper's DINO ViT-S/16 (Hugging Face facebook/dino-vits16: config.json, model.safetensors, "
-              "preprocessor_config.json) into {home}/dino-vits16/, or a DINOv2 (facebook/dinov2-small, the same files)")
-WHERE_CLIP = ("a full CLIP for CLIP-I and CLIP-T (Hugging Face openai/clip-vit-large-patch14: config.json, "
-              "model.safetensors, preprocessor_config.json) into {home}/clip-vit-large-patch14/; a CLIP vision "
-              "file from ComfyUI's models/clip_vision (e.g. IP-Adapter's CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) "
-              "gives CLIP-I only")
+              "preprocessor_config.json) into {home}/dino-vits16/; a DINOv2 (facebook/dinov2-small) works too")
+WHERE_CLIP = ("a full CLIP (Hugging Face openai/clip-vit-large-patch14: config.json, model.safetensors, "
+              "preprocessor_config.json) into {home}/clip-vit-large-patch14/; a CLIP vision .safetensors (ComfyUI's "
+              "models/clip_vision, IP-Adapter's image encoders) gives CLIP-I but not CLIP-T")
 
 
 # --- finding and choosing the models -------------------------------------------------------------------------------
@@ -94,16 +93,15 @@ def choose(found: Sequence[ModelInfo], kind: str) -> ModelInfo | None:
 def load_embedders(sources: Sequence[str | Path], dino: str | Path = "auto", clip: str | Path = "auto",
                    home: str = "the models folder") -> Embedders:
     """Load the DINO and CLIP models: "auto" picks among the models in `sources` (`choose`), "none" leaves that kind
-    out, a path loads that file or folder. `home` is where the messages tell the user to put a missing model."""
+    out, a path loads that file or folder. `home` is where measure()'s messages tell the user to put a missing
+    model; `notes` says what in `sources` was passed over and why."""
     found, notes = find_models(sources)
     result = Embedders(notes=notes, home=home)
     for kind, wanted in ((DINO, dino), (CLIP, clip)):
         if wanted == "none":
             continue
         info = choose(found, kind) if wanted == "auto" else embedders.identify(wanted)
-        if info is None:
-            where = (WHERE_DINO if kind == DINO else WHERE_CLIP).format(home=home)
-            result.notes.append(f"no {kind.upper()} model found: put {where}")
+        if info is None:  # measure() says which metrics that skips and where the model goes
             continue
         if info.kind != kind:
             raise EmbedderError(f"{info.path} is a {info.label}, not a {kind.upper()} model")
@@ -184,8 +182,8 @@ def measure(photos: Sequence[Image.Image], generated: Sequence[Image.Image] = ()
     prompts = list(prompts) or [None] * len(generated)
     if len(prompts) != len(generated):
         raise ValueError(f"{len(generated)} generated images but {len(prompts)} prompts")
-    missing = {DINO: f"no DINO model (put {WHERE_DINO.format(home=models.home)})",
-               CLIP: f"no CLIP model (put {WHERE_CLIP.format(home=models.home)})"}
+    missing = {kind: f"no {kind.upper()} model: put {where.format(home=models.home)}"
+               for kind, where in ((DINO, WHERE_DINO), (CLIP, WHERE_CLIP))}
     cache = {}
 
     def embedded(model: Embedder, images: Sequence[Image.Image]):  # each set once per model
@@ -202,10 +200,9 @@ def measure(photos: Sequence[Image.Image], generated: Sequence[Image.Image] = ()
         else:
             value = fidelity.subject_fidelity(embedded(model, generated), embedded(model, photos))
             rows.append(Row(metric, value, "higher", model.name, f"{len(generated)} generated x {len(photos)} photos"))
-    rows.append(_clip_t(models, generated, prompts, identifier, missing[CLIP],
-                        lambda: embedded(models.clip, generated)))
+    rows.append(_clip_t(models, generated, prompts, identifier, lambda: embedded(models.clip, generated)))
     if models.dino is None:
-        rows.append(Row("PRES", None, "lower", note=missing[DINO]))
+        rows.append(Row("PRES", None, "lower", note="needs a DINO model, as DINO does"))
     elif not class_samples:
         rows.append(Row("PRES", None, "lower", models.dino.name,
                         note='no class samples: give the trained model\'s samples of "a [class noun]"'))
@@ -217,14 +214,17 @@ def measure(photos: Sequence[Image.Image], generated: Sequence[Image.Image] = ()
     return rows
 
 
-def _clip_t(models: Embedders, generated, prompts, identifier: str, no_clip: str, embedded_generated) -> Row:
+def _clip_t(models: Embedders, generated, prompts, identifier: str, embedded_generated) -> Row:
     clip = models.clip
     if clip is None:
-        return Row("CLIP-T", None, "higher", note=no_clip)
+        return Row("CLIP-T", None, "higher", note="needs a CLIP model, as CLIP-I does")
     if not clip.has_text:
-        return Row("CLIP-T", None, "higher", clip.name, note=f"{clip.name} is a CLIP image encoder only; for CLIP-T "
-                                                              f"put {WHERE_CLIP.format(home=models.home)}")
+        return Row("CLIP-T", None, "higher", clip.name,
+                   note=f"{clip.name} is a CLIP image encoder only; CLIP-T needs the text half too: put "
+                        f"{WHERE_CLIP.format(home=models.home)}")
     with_prompt = [i for i, prompt in enumerate(prompts) if prompt]
+    if not generated:
+        return Row("CLIP-T", None, "higher", clip.name, note="no generated images")
     if not with_prompt:
         return Row("CLIP-T", None, "higher", clip.name, note="no generated image has a prompt")
     texts = [without_identifier(prompts[i], identifier) for i in with_prompt]
