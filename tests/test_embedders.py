@@ -72,6 +72,7 @@ def models(tmp_path_factory):
                                       DINOV2_PREPROCESSOR), ("dino-vits-folder", dino, DINO_V1_PREPROCESSOR)):
         model.save_pretrained(root / name)
         (root / name / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    vision.save_pretrained(root / "clip-vision-folder")  # as IP-Adapter's image_encoder: no preprocessor_config.json
     files = root / "files"
     files.mkdir()
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, files / "clip-full.safetensors")
@@ -141,6 +142,7 @@ def clip_image_features(model, batch, preprocessor=CLIP_PREPROCESSOR):
     ("files/clip-vision.safetensors", "vision", False),
     ("files/clip-vision-open_clip.safetensors", "vision", False),
     ("clip-folder", "clip", True),
+    ("clip-vision-folder", "vision", False),
 ])
 def test_clip_embeds_images_as_transformers_does(models, source, reference, text):
     embedder = embedders.load(models["root"] / source)
@@ -300,7 +302,8 @@ def test_auto_picks_the_papers_dino_and_a_clip_with_text(models, tmp_path):
     found, notes = measure.find_models([models["root"]])
     assert notes == []
     assert sorted(info.path.name for info in found) == sorted(
-        ["clip-folder", "dinov2-folder", "dino-vits-folder", "clip-full.safetensors", "clip-vision.safetensors",
+        ["clip-folder", "clip-vision-folder", "dinov2-folder", "dino-vits-folder", "clip-full.safetensors",
+         "clip-vision.safetensors",
          "clip-vision-open_clip.safetensors", "dinov2.safetensors", "dino-vits.safetensors"])
     assert measure.choose(found, DINO).family == "vit"  # DINO v1 before DINOv2 (the tiny one is not ViT-S/16)
     assert measure.choose(found, CLIP).text

@@ -373,19 +373,20 @@ def load(source: str | Path | ModelInfo, dtype: torch.dtype = torch.float32) -> 
     info = source if isinstance(source, ModelInfo) else identify(source)
     model_class = _model_class(info)
     extra = {"add_pooling_layer": False} if info.family == "vit" else {}
+    preprocessor = info.path / "preprocessor_config.json"
     if info.path.is_dir():
         model, loading = model_class.from_pretrained(str(info.path), local_files_only=True, use_safetensors=True,
                                                      output_loading_info=True, **extra)
-        preprocessor = info.path / "preprocessor_config.json"
-        preprocess = (Preprocess.from_config(json.loads(preprocessor.read_text())) if preprocessor.is_file()
-                      else DEFAULT_PREPROCESS[info.family])
     else:
-        config = _config_object(info)
-        model, loading = model_class.from_pretrained(None, config=config, state_dict=_file_tensors(info),
-                                                     output_loading_info=True, **extra)
+        model, loading = model_class.from_pretrained(None, config=_config_object(info),
+                                                     state_dict=_file_tensors(info), output_loading_info=True,
+                                                     **extra)
+    if preprocessor.is_file():
+        preprocess = Preprocess.from_config(json.loads(preprocessor.read_text()))
+    else:  # a single file, or a folder without it (IP-Adapter's image_encoder): the family's, at the model's size
         preprocess = DEFAULT_PREPROCESS[info.family]
         if info.family == "clip":
-            size = (config.vision_config if info.text else config).image_size
+            size = (model.config.vision_config if info.text else model.config).image_size
             preprocess = replace(preprocess, shortest_edge=size, crop=(size, size))
     missing = [key for key in loading["missing_keys"] if not key.endswith("mask_token")]  # DINOv2's, unused here
     if missing:
