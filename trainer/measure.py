@@ -24,8 +24,9 @@ from .dataset import IMAGE_EXTENSIONS
 from .embedders import CLIP, DINO, Embedder, EmbedderError, ModelInfo
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt")
-WHERE_DINO = ("the paper's DINO ViT-S/16 (Hugging Face facebook/dino-vits16: config.json, model.safetensors, "
-              "preprocessor_config.json) into {home}/dino-vits16/; a DINOv2 (facebook/dinov2-small) works too")
+WHERE_DINO = ("the paper's DINO ViT-S/16 (Hugging Face facebook/dino-vits16: config.json, "
+              "preprocessor_config.json, and model.safetensors from its refs/pr/1 revision) into {home}/dino-vits16/; "
+              "a DINOv2 (facebook/dinov2-small) works too")
 WHERE_CLIP = ("a full CLIP (Hugging Face openai/clip-vit-large-patch14: config.json, model.safetensors, "
               "preprocessor_config.json) into {home}/clip-vit-large-patch14/; a CLIP vision .safetensors (ComfyUI's "
               "models/clip_vision, IP-Adapter's image encoders) gives CLIP-I but not CLIP-T")
