@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection,
                           Dinov2Config, Dinov2Model, ViTConfig, ViTModel)
 
-from trainer import embedders, measure
-from trainer.embedders import CLIP, DINO, EmbedderError, Preprocess
+from trainer import embedders, image_processors, measure
+from trainer.embedders import CLIP, DINO, EmbedderError
+from trainer.image_processors import Preprocess
 from trainer.families import CONFIG_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,13 +33,13 @@ DINO_V1 = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, inte
 # Preprocessor configs as the models' repositories have them, at the tiny models' sizes.
 CLIP_PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
                      "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3,
-                     "image_mean": list(embedders.OPENAI_MEAN), "image_std": list(embedders.OPENAI_STD)}
+                     "image_mean": list(image_processors.OPENAI_MEAN), "image_std": list(image_processors.OPENAI_STD)}
 DINOV2_PREPROCESSOR = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 37},
                        "crop_size": {"height": 32, "width": 32}, "do_center_crop": True, "resample": 3,
-                       "image_mean": list(embedders.IMAGENET_MEAN), "image_std": list(embedders.IMAGENET_STD)}
+                       "image_mean": list(image_processors.IMAGENET_MEAN), "image_std": list(image_processors.IMAGENET_STD)}
 DINO_V1_PREPROCESSOR = {"feature_extractor_type": "ViTFeatureExtractor", "size": 32, "resample": 2,
-                        "do_normalize": True, "do_resize": True, "image_mean": list(embedders.IMAGENET_MEAN),
-                        "image_std": list(embedders.IMAGENET_STD)}
+                        "do_normalize": True, "do_resize": True, "image_mean": list(image_processors.IMAGENET_MEAN),
+                        "image_std": list(image_processors.IMAGENET_STD)}
 
 
 def images() -> list[Image.Image]:
@@ -121,10 +122,10 @@ def test_preprocessing_follows_the_models_config_as_transformers_does(name, conf
 
 def test_preprocessing_defaults_are_each_processors_own():
     clip = Preprocess.from_config({"image_processor_type": "CLIPImageProcessor"})
-    assert (clip.shortest_edge, clip.crop, clip.resample, clip.mean) == (224, (224, 224), 3, embedders.OPENAI_MEAN)
+    assert (clip.shortest_edge, clip.crop, clip.resample, clip.mean) == (224, (224, 224), 3, image_processors.OPENAI_MEAN)
     vit = Preprocess.from_config({"feature_extractor_type": "ViTFeatureExtractor", "size": 224})
     assert (vit.shortest_edge, vit.resize_to, vit.crop, vit.resample) == (None, (224, 224), None, 2)
-    with pytest.raises(EmbedderError, match="SiglipImageProcessor"):
+    with pytest.raises(ValueError, match="SiglipImageProcessor"):
         Preprocess.from_config({"image_processor_type": "SiglipImageProcessor"})
 
 
@@ -187,7 +188,7 @@ def test_dino_folders_embed_the_class_token_as_transformers_does(models, source,
 def test_dino_single_files_load_the_same_model(models, source, reference):
     """A bare file has no config: the architecture comes from its shapes, the preprocessing is the family's."""
     embedder = embedders.load(models["files"] / source)
-    assert embedder.preprocess == embedders.DEFAULT_PREPROCESS[embedder.info.family]
+    assert embedder.preprocess == image_processors.DEFAULT_PREPROCESS[embedder.info.family]
     probe = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(embedder.model(pixel_values=probe).last_hidden_state,
@@ -197,7 +198,7 @@ def test_dino_single_files_load_the_same_model(models, source, reference):
 def test_a_single_clip_file_is_preprocessed_at_its_own_image_size(models):
     embedder = embedders.load(models["files"] / "clip-vision.safetensors")
     assert (embedder.preprocess.shortest_edge, embedder.preprocess.crop) == (32, (32, 32))
-    assert embedder.preprocess.mean == embedders.OPENAI_MEAN
+    assert embedder.preprocess.mean == image_processors.OPENAI_MEAN
 
 
 # --- full-size files: the architecture ComfyUI reads -----------------------------------------------------------------
@@ -292,6 +293,9 @@ def test_unusable_files_get_messages_that_name_them(tmp_path, models):
     save_file(tensors, tmp_path / "truncated.safetensors")
     with pytest.raises(EmbedderError, match="truncated.safetensors lacks weights"):
         embedders.load(tmp_path / "truncated.safetensors")
+    save_file({**tensors, "vision_model.head.probe": torch.zeros(1, 1, 128)}, tmp_path / "siglip.safetensors")
+    with pytest.raises(EmbedderError, match="siglip.safetensors is a SigLIP image encoder"):
+        embedders.identify(tmp_path / "siglip.safetensors")
     no_projection = {k: v for k, v in tensors.items() if not k.startswith("visual_projection")}
     save_file(no_projection, tmp_path / "no-projection.safetensors")
     with pytest.raises(EmbedderError, match="without its projection"):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from tests.test_comfyui import COMFYUI_DIR, REPO, Server, errors, pytestmark  # noqa: F401 (pytestmark: the skip)
-from trainer.embedders import OPENAI_MEAN, OPENAI_STD
+from trainer.image_processors import OPENAI_MEAN, OPENAI_STD
 
 pytestmark = [pytestmark, pytest.mark.slow]
 CLIP_FILE = "CLIP-ViT-L-14-random.safetensors"
