@@ -1,3 +1,5 @@
+import json
+import os
 from pathlib import Path
 
 import folder_paths
@@ -69,6 +71,11 @@ class MeasureSubjectFidelity(io.ComfyNode):
                                  tooltip="The table as text, with why any metric was skipped."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_) -> str:
+        # ComfyUI caches by input values; with "auto", a model added or replaced changes the result too.
+        return json.dumps(sorted((name, os.stat(path).st_mtime_ns) for name, path in model_sources().items()))
 
     @classmethod
     def execute(cls, photos, prompts, identifier, dino_model, clip_model, generated=None,

@@ -74,6 +74,7 @@ def models(tmp_path_factory):
         model.save_pretrained(root / name)
         (root / name / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     vision.save_pretrained(root / "clip-vision-folder")  # as IP-Adapter's image_encoder: no preprocessor_config.json
+    dino.save_pretrained(root / "dino-vits-bare")  # no preprocessor_config.json either
     files = root / "files"
     files.mkdir()
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, files / "clip-full.safetensors")
@@ -171,8 +172,14 @@ def test_a_full_clip_embeds_prompts_as_transformers_does(models, source):
 @pytest.mark.parametrize("source, reference, name, preprocessor", [
     ("dinov2-folder", "dinov2", "BitImageProcessor", DINOV2_PREPROCESSOR),
     ("dino-vits-folder", "dino", "ViTImageProcessor", DINO_V1_PREPROCESSOR),
+    ("dino-vits-bare", "dino", "ViTImageProcessor", DINO_V1_PREPROCESSOR),  # DINO's own settings, at the model's size
+    # A bare file has no config: the architecture comes from its shapes, the preprocessing is the family's published
+    # one (DINO v1's at the model's size: its position embeddings fit one size; DINOv2 interpolates its own).
+    ("files/dino-vits.safetensors", "dino", "ViTImageProcessor", DINO_V1_PREPROCESSOR),
+    ("files/dinov2.safetensors", "dinov2", "BitImageProcessor", {**DINOV2_PREPROCESSOR, "size": {"shortest_edge": 256},
+                                                                 "crop_size": {"height": 224, "width": 224}}),
 ])
-def test_dino_folders_embed_the_class_token_as_transformers_does(models, source, reference, name, preprocessor):
+def test_dino_models_embed_the_class_token_as_transformers_does(models, source, reference, name, preprocessor):
     embedder = embedders.load(models["root"] / source)
     assert embedder.kind == DINO and not embedder.has_text
     with torch.no_grad():
@@ -182,17 +189,6 @@ def test_dino_folders_embed_the_class_token_as_transformers_does(models, source,
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     if reference == "dinov2":
         assert torch.allclose(got, output.pooler_output, atol=1e-5)  # DINOv2's own pooled output: the same token
-
-
-@pytest.mark.parametrize("source, reference", [("dinov2.safetensors", "dinov2"), ("dino-vits.safetensors", "dino")])
-def test_dino_single_files_load_the_same_model(models, source, reference):
-    """A bare file has no config: the architecture comes from its shapes, the preprocessing is the family's."""
-    embedder = embedders.load(models["files"] / source)
-    assert embedder.preprocess == image_processors.DEFAULT_PREPROCESS[embedder.info.family]
-    probe = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(embedder.model(pixel_values=probe).last_hidden_state,
-                              models[reference](pixel_values=probe).last_hidden_state, atol=1e-5)
 
 
 def test_a_single_clip_file_is_preprocessed_at_its_own_image_size(models):
@@ -306,7 +302,8 @@ def test_auto_picks_the_papers_dino_and_a_clip_with_text(models, tmp_path):
     found, notes = measure.find_models([models["root"]])
     assert notes == []
     assert sorted(info.path.name for info in found) == sorted(
-        ["clip-folder", "clip-vision-folder", "dinov2-folder", "dino-vits-folder", "clip-full.safetensors",
+        ["clip-folder", "clip-vision-folder", "dinov2-folder", "dino-vits-folder", "dino-vits-bare",
+         "clip-full.safetensors",
          "clip-vision.safetensors",
          "clip-vision-open_clip.safetensors", "dinov2.safetensors", "dino-vits.safetensors"])
     assert measure.choose(found, DINO).family == "vit"  # DINO v1 before DINOv2 (the tiny one is not ViT-S/16)
@@ -352,7 +349,7 @@ def test_evaluate_command_scores_folders_with_the_models_given(models, tmp_path,
     assert code == 0, out
     lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
 
-    # The DINO score by hand, with transformers' own processor and model (auto picked DINO v1 over DINOv2).
+    # The DINO score by hand, with transformers' own processor and model (auto picked a DINO v1 over the DINOv2s).
     def cls_tokens(folder):
         batch = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.jpg"))]
         with torch.no_grad():
@@ -361,7 +358,7 @@ def test_evaluate_command_scores_folders_with_the_models_given(models, tmp_path,
     gen, photos = cls_tokens(generated), cls_tokens(PHOTOS / "dog")
     expected = torch.nn.functional.cosine_similarity(gen[:, None], photos[None], dim=-1).mean()
     assert lines["DINO"].split()[1:3] == [f"{expected:.4f}", "higher"], out
-    assert "DINO ViT/8 (dino-vits-folder)" in lines["DINO"] and "3 generated x 5 photos" in lines["DINO"]
+    assert "DINO ViT/8 (dino-vits-bare)" in lines["DINO"] and "3 generated x 5 photos" in lines["DINO"]
     assert "(clip-full.safetensors)" in lines["CLIP-I"]  # a full CLIP (CLIP-T too), the smallest
     assert "3 images with their prompts" in lines["CLIP-T"]
     assert "3 class samples x 5 photos" in lines["PRES"]

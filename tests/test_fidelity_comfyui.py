@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
 
 from tests.test_comfyui import COMFYUI_DIR, REPO, Server, errors, pytestmark  # noqa: F401 (pytestmark: the skip)
 from trainer.image_processors import OPENAI_MEAN, OPENAI_STD
@@ -119,6 +119,22 @@ def test_measure_node_scores_with_a_clip_vision_file_comfyui_accepts(server):
     saved = [o for o in entry["outputs"]["5"]["images"]]
     table = Image.open(server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"])
     assert table.width > 300 and table.height > 100
+
+    # Queued again, the node is cached, until a model is added to models/dreambooth_evaluators: then "auto" finds it
+    # (a tiny random DINO ViT here) and DINO and PRES are measured too.
+    cached = server.wait(server.queue(prompt))["status"]["messages"]
+    assert "4" in [n for kind, data in cached if kind == "execution_cached" for n in data["nodes"]]
+    torch.manual_seed(0)
+    dino = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64,
+                              image_size=32, patch_size=8), add_pooling_layer=False)
+    dino.save_pretrained(server.base / "models" / "dreambooth_evaluators" / "tiny-dino")
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", (errors(entry), server.log()[-4000:])
+    report = "".join(entry["outputs"]["4"]["text"])
+    assert re.search(r"^DINO\s+-?\d\.\d{4}\s+higher\s+DINO ViT/8 \(tiny-dino\)\s+2 generated x 2 photos$", report,
+                     re.M), report
+    assert re.search(r"^PRES\s+-?\d\.\d{4}\s+lower\s+DINO ViT/8 \(tiny-dino\)\s+1 class samples x 2 photos$",
+                     report, re.M), report
 
     # ComfyUI's own CLIP Vision Loader and Encode take the same file (after the node, so only one copy at a time).
     comfy = {"1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": CLIP_FILE}},

@@ -293,9 +293,11 @@ def load(source: str | Path | ModelInfo, dtype: torch.dtype = torch.float32) -> 
             raise EmbedderError(f"{preprocessor}: {error}") from None
     else:  # a single file, or a folder without it (IP-Adapter's image_encoder): the family's, at the model's size
         preprocess = DEFAULT_PREPROCESS[info.family]
+        size = getattr(model.config, "vision_config", model.config).image_size
         if info.family == "clip":
-            size = (model.config.vision_config if info.text else model.config).image_size
             preprocess = replace(preprocess, shortest_edge=size, crop=(size, size))
+        elif info.family == "vit":  # DINO v1's position embeddings fit one size (DINOv2 interpolates its own)
+            preprocess = replace(preprocess, resize_to=(size, size))
     missing = [key for key in loading["missing_keys"] if not key.endswith("mask_token")]  # DINOv2's, unused here
     if missing:
         raise EmbedderError(f"{info.path} lacks weights the {info.label} needs ({', '.join(missing[:4])}...): the "
