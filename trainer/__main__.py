@@ -1,4 +1,4 @@
-"""Command line: python -m trainer {pick-token, priors, train, sample, demo} --help"""
+"""Command line: python -m trainer {pick-token, priors, train, sample, evaluate, demo} --help"""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples", help="folder for the PNGs (./samples)")
     _add_sampling_options(sample, steps=30)
     sample.set_defaults(run=_sample)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="measure the trained subject: DINO, CLIP-I, CLIP-T, PRES as the DreamBooth paper does",
+        description="Score generated images against the subject's photos with the DreamBooth paper's metrics (DINO and "
+                    "CLIP-I: subject fidelity, CLIP-T: prompt fidelity, PRES: language drift), using the embedding "
+                    "models you give with --models; nothing is downloaded. A metric whose model is missing is skipped "
+                    "with a note saying which file to put where.")
+    evaluate.add_argument("--photos", required=True, help="folder of real photos of the subject (held-out ones, not "
+                                                          "the training photos, measure best)")
+    evaluate.add_argument("--generated", help="folder of images drawn with the identifier ('a zwx dog on the beach'); "
+                                              "each one's prompt is read from the .txt file of the same name beside "
+                                              "it, or from its PNG 'parameters' (A1111, Forge)")
+    evaluate.add_argument("--prompt", help="the prompt of every generated image that has none of its own")
+    evaluate.add_argument("--class-samples", help="folder of the trained model's samples of 'a [class noun]' (PRES)")
+    evaluate.add_argument("--identifier", default="", help="the identifier (e.g. zwx): CLIP-T reads the prompts "
+                                                           "without it")
+    evaluate.add_argument("--models", action="append", default=[], metavar="PATH",
+                          help="an embedding model, or a folder of them (repeatable): CLIP vision .safetensors files "
+                               "as in ComfyUI's models/clip_vision, transformers folders of a CLIP or a DINO "
+                               "(facebook/dino-vits16, the paper's). The paper's DINO and a full CLIP are picked "
+                               "first")
+    evaluate.add_argument("--table", help="also write the table as a PNG image here")
+    evaluate.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, ...")
+    evaluate.set_defaults(run=_evaluate)
 
     demo = sub.add_parser("demo", help="see DreamBooth work in a few CPU minutes on the bundled toy model",
                           description="Train the toy subject (a marked star) into the bundled toy base model and "
@@ -202,6 +226,30 @@ def _check_writable(folder: Path) -> None:
     except OSError as error:
         raise OSError(f"--out: cannot write into {folder} ({error.strerror or error}); choose a folder you can "
                       "write to") from None
+
+
+def _evaluate(args) -> int:
+    from .dataset import load_image_folder
+    from .measure import load_embedders, measure, read_images, table_image, table_text
+    if not args.generated and not args.class_samples:
+        raise ValueError("give --generated (images of the subject, for DINO, CLIP-I and CLIP-T) and/or "
+                         "--class-samples (images of 'a [class noun]', for PRES)")
+    photos = [photo.image for photo in load_image_folder(args.photos, max_images=1000)]
+    generated, prompts = [], []
+    if args.generated:
+        generated, prompts, _ = read_images(args.generated)
+        prompts = [prompt or args.prompt for prompt in prompts]
+    class_samples = read_images(args.class_samples)[0] if args.class_samples else []
+    models = load_embedders(args.models, home=args.models[0] if args.models else "models").to(args.device)
+    if not args.models:
+        models.notes.insert(0, "no --models given: put the models into a folder (e.g. models/) and pass it with "
+                               "--models models")
+    rows = measure(photos, generated, prompts, class_samples, models, identifier=args.identifier)
+    print(table_text(rows, models.notes))
+    if args.table:
+        table_image(rows).save(args.table)
+        print(f"Table image: {args.table}")
+    return 0
 
 
 def _demo(args) -> int:
