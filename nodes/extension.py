@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .class_priors import GenerateClassPriors
 from .empty_latent import EmptyLatentForVAE
 from .load_subject import LoadSubjectModel
+from .measure_fidelity import MeasureSubjectFidelity
 from .pick_token import PickRareToken
 from .toy_subject import ToySubjectPhotos
 from .train import DreamBoothTrain
@@ -17,4 +18,4 @@ class DreamBoothExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
-                ToySubjectPhotos]
+                ToySubjectPhotos, MeasureSubjectFidelity]

@@ -1,4 +1,4 @@
-"""Command line: python -m trainer {pick-token, priors, train, sample, demo} --help"""
+"""Command line: python -m trainer {pick-token, priors, train, sample, evaluate, demo} --help"""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ from .prompts import class_prompt
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
 _ALIASES = {"base_model": ["--model"], "instance_dir": ["--images"]}
 _SECTIONS = {"base_model": "what to learn", "with_prior_preservation": "prior preservation",
-             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews"}
+             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews",
+             "evaluate_every": "knowing when it worked"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
-        description="DreamBooth for Stable Diffusion 1.x/2.x: teach a checkpoint your subject from 3-5 photos.",
+        description="DreamBooth for Stable Diffusion 1.x, 2.x and XL (and models built on them: Pony, Illustrious, "
+                    "NoobAI...): teach a checkpoint your subject from 3-5 photos. The family is read from the file; "
+                    "SDXL trains at 1024 px unless --resolution says otherwise.",
         epilog="Typical run: pick-token, then train (class images are generated and cached on the way), "
                "then sample. Each sub-command has its own --help.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -82,6 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_options(sample, steps=30)
     sample.set_defaults(run=_sample)
 
+    evaluate = sub.add_parser(
+        "evaluate", help="measure the trained subject: DINO, CLIP-I, CLIP-T, PRES as the DreamBooth paper does",
+        description="Score generated images against the subject's photos with the DreamBooth paper's metrics (DINO and "
+                    "CLIP-I: subject fidelity, CLIP-T: prompt fidelity, PRES: language drift), using the embedding "
+                    "models you give with --models; nothing is downloaded. A metric whose model is missing is skipped "
+                    "with a note saying which file to put where.")
+    evaluate.add_argument("--photos", required=True, help="folder of real photos of the subject (held-out ones, not "
+                                                          "the training photos, measure best)")
+    evaluate.add_argument("--generated", help="folder of images drawn with the identifier ('a zwx dog on the beach'); "
+                                              "each one's prompt is read from the .txt file of the same name beside "
+                                              "it, or from its PNG 'parameters' (A1111, Forge)")
+    evaluate.add_argument("--prompt", help="the prompt of every generated image that has none of its own")
+    evaluate.add_argument("--class-samples", help="folder of the trained model's samples of 'a [class noun]' (PRES)")
+    evaluate.add_argument("--identifier", default="", help="the identifier (e.g. zwx): CLIP-T reads the prompts "
+                                                           "without it")
+    evaluate.add_argument("--models", action="append", default=[], metavar="PATH",
+                          help="an embedding model, or a folder of them (repeatable): CLIP vision .safetensors files "
+                               "as in ComfyUI's models/clip_vision, transformers folders of a CLIP or a DINO "
+                               "(facebook/dino-vits16, the paper's). The paper's DINO and a full CLIP are picked "
+                               "first")
+    evaluate.add_argument("--table", help="also write the table as a PNG image here")
+    evaluate.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda, ...")
+    evaluate.set_defaults(run=_evaluate)
+
     demo = sub.add_parser("demo", help="see DreamBooth work in a few CPU minutes on the bundled toy model",
                           description="Train the toy subject (a marked star) into the bundled toy base model and "
                                       "write a before/after grid: no GPU, no download.")
@@ -92,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_sampling_options(parser, steps: int) -> None:
     parser.add_argument("--size", type=int, help="image width and height in pixels (default: the model's own, "
-                                                 "512 for SD 1.5)")
+                                                 "512 for SD 1.5, 1024 for SDXL)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps ({steps})")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (7.5)")
     parser.add_argument("--sampler", default="euler_a", help="ddim, euler, euler_a or dpmpp_2m (euler_a)")
@@ -144,6 +171,7 @@ def _priors(args) -> int:
 def _train(args) -> int:
     from .callbacks import TrainingCancelled
     from .loop import train
+    from .plots import evaluation_curve
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     printer = _ConsolePrinter()
     signal.signal(signal.SIGINT, printer.request_stop)
@@ -152,7 +180,12 @@ def _train(args) -> int:
     except TrainingCancelled as cancelled:
         print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
-    print(f"Saved {result.output} after {result.steps} steps. Prompt with: {cfg.instance_prompt!r}")
+    if printer.evaluations:
+        curve = Path(result.output).with_suffix(".evaluation.png")
+        evaluation_curve(*printer.evaluations).save(curve)
+        print(f"Scores of each evaluated step: {curve}")
+    kept = f" (the weights of step {result.saved_step}, the best evaluated)" if result.saved_step != result.steps else ""
+    print(f"Saved {result.output} after {result.steps} steps{kept}. Prompt with: {cfg.instance_prompt!r}")
     return 0
 
 
@@ -193,6 +226,30 @@ def _check_writable(folder: Path) -> None:
     except OSError as error:
         raise OSError(f"--out: cannot write into {folder} ({error.strerror or error}); choose a folder you can "
                       "write to") from None
+
+
+def _evaluate(args) -> int:
+    from .dataset import load_image_folder
+    from .measure import load_embedders, measure, read_images, table_image, table_text
+    if not args.generated and not args.class_samples:
+        raise ValueError("give --generated (images of the subject, for DINO, CLIP-I and CLIP-T) and/or "
+                         "--class-samples (images of 'a [class noun]', for PRES)")
+    photos = [photo.image for photo in load_image_folder(args.photos, max_images=1000)]
+    generated, prompts = [], []
+    if args.generated:
+        generated, prompts, _ = read_images(args.generated)
+        prompts = [prompt or args.prompt for prompt in prompts]
+    class_samples = read_images(args.class_samples)[0] if args.class_samples else []
+    models = load_embedders(args.models, home=args.models[0] if args.models else "models").to(args.device)
+    if not args.models:
+        models.notes.insert(0, "no --models given: put the models into a folder (e.g. models/) and pass it with "
+                               "--models models")
+    rows = measure(photos, generated, prompts, class_samples, models, identifier=args.identifier)
+    print(table_text(rows, models.notes))
+    if args.table:
+        table_image(rows).save(args.table)
+        print(f"Table image: {args.table}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -251,6 +308,7 @@ class _ConsolePrinter:
     def __init__(self):
         self.stop = False
         self.bars: dict[str, Progress] = {}
+        self.evaluations = None  # (history, best step, PRES limit) once the run has evaluated
 
     def request_stop(self, *_):
         if self.stop:
@@ -272,6 +330,12 @@ class _ConsolePrinter:
 
     def on_samples(self, step, images) -> None:
         pass
+
+    def on_evaluation(self, scores, best) -> None:
+        chosen = f"best so far: step {best.best.step}" if best.best else "the base model's baseline"
+        self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {scores.pres:.3f} "
+                 f"({chosen})")
+        self.evaluations = (list(best.history), best.best.step if best.best else None, best.pres_limit)
 
     def log(self, message: str) -> None:
         self._interrupt_bars()

@@ -39,7 +39,7 @@ def probe_identifiers(bundle: ModelBundle, class_noun: str, *, candidates: int, 
     pool = candidate_identifiers(bundle.tokenizer, count=candidates, seed=seed)
     advice = "Probe fewer candidates at a time (a smaller shortlist), or close other programs that use the GPU."
     with Phase(PROBING, device, log=log, advice=advice) as phase, torch.no_grad():
-        phase.borrow(bundle.unet, bundle.text_encoder, dtype=inference_dtype(device))
+        phase.borrow(bundle.unet, *bundle.text_encoders, dtype=inference_dtype(device))
         return rank_identifiers(bundle, pool, class_noun, seed=seed, shortlist=shortlist)
 
 

@@ -7,14 +7,17 @@ when the caller cancels; running the same config again continues from it and end
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import conditioning
 from . import metadata as meta
 from . import speed
 from . import state as state_io
@@ -22,7 +25,8 @@ from .bundle import ModelBundle
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .dataset import SubjectImage, load_image_folder, to_training_tensor
+from .dataset import SubjectImage, load_image_folder, size_conditioning, to_training_tensor
+from .evaluation import BestStep, Evaluation, StepScores
 from .device import inference_dtype, resolve_device, training_precision, with_memory_preset
 from .fused import FusedBackward, PerTensorOptimizer
 from .locking import exclusive
@@ -46,34 +50,48 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     samples: list = field(default_factory=list)  # PIL previews of cfg.sample_prompts at the end
     resumed_from: int = 0
+    evaluations: list[StepScores] = field(default_factory=list)  # with evaluate_every, step 0 included
+    saved_step: int = 0  # the step whose weights are in the output: the best evaluated one, else the last
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callbacks | None = None,
           randomness=None, instance_images: list[SubjectImage] | None = None,
-          class_images: list[SubjectImage] | None = None) -> TrainResult:
+          class_images: list[SubjectImage] | None = None, evaluation: Evaluation | None = None) -> TrainResult:
     """Fine-tune `bundle` (loaded from cfg.base_model when None) in place and write cfg.output.
 
     Photos come from cfg.instance_dir unless given as `instance_images`; class images from `class_images`, else
-    cfg.class_dir, else the prior cache (generated on demand)."""
+    cfg.class_dir, else the prior cache (generated on demand). With cfg.evaluate_every, `evaluation` scores the model
+    (trainer/evaluation.py) and the output holds the best evaluated step."""
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
-    cfg = with_memory_preset(cfg, device, callbacks.log).validate()
+    cfg.validate()
     if instance_images is None and not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
-    precision = training_precision(cfg, device)
+    if cfg.evaluate_every and evaluation is None:
+        raise ConfigError("evaluate_every: needs embedding models to score the samples with; see the README "
+                          "(Measure Subject Fidelity) for where to put them, or set evaluate_every to 0")
     if cfg.compile_unet:
-        speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
+        speed.check_compile_toolchain(device)  # before any waiting: loading, class images, encoding
     check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad(), exclusive(cfg.output):
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
-            bundle = load_model(cfg.base_model, cfg.prediction_type or None)
-        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device, precision,
-                      instance_images, class_images)
+            zero_snr = {"": None, "default": False, "zero_terminal_snr": True}[cfg.noise_schedule]
+            bundle = load_model(cfg.base_model, cfg.prediction_type or None, zero_terminal_snr=zero_snr)
+        cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
+        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device,
+                      training_precision(cfg, device), instance_images, class_images,
+                      evaluation if cfg.evaluate_every else None)
 
 
-def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images) -> TrainResult:
+def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
+    """`cfg` with what it leaves to the model: resolution 0 is the family's training size (1024 px for SDXL)."""
+    return cfg if cfg.resolution else dataclasses.replace(cfg, resolution=bundle.spec.resolution)
+
+
+def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images,
+           evaluation) -> TrainResult:
     multiple = size_multiple(bundle)
     if cfg.resolution % multiple:
         nearest = max(1, round(cfg.resolution / multiple)) * multiple
@@ -92,35 +110,49 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         class_images = []
     elif class_images is None:
         class_images = _class_images(cfg, bundle, callbacks, device)
-    # The frozen VAE and text encoder encode in the training step's precision, as the reference script does.
+    # The frozen VAE and text encoders encode in the training step's precision, as the reference script does; SDXL's
+    # VAE in fp32, as it overflows in fp16 (its config's force_upcast).
     with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
-        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase,
-                                    precision or torch.float32)
+        vae_dtype = torch.float32 if bundle.vae.config.get("force_upcast", False) else precision or torch.float32
+        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase, vae_dtype)
         text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
     state_dir = state_io.state_dir_for(cfg.output)
     provenance = provenance.with_class_images(class_images)
     modules = {"unet": bundle.unet}
     if cfg.train_text_encoder:
-        modules["text_encoder"] = bundle.text_encoder
+        modules.update(zip(("text_encoder", "text_encoder_2"), bundle.text_encoders))
     with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
-                                      state_dir, provenance)
+                                      state_dir, provenance, evaluation)
     del latents, text  # the last of the run on the GPU: saving needs none of it
     with Phase(SAVING, device, log=callbacks.log, host_only=True):
-        try:
-            _save_output(cfg, bundle, result.steps, provenance)
-        except OSError:
-            with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
-                state_io.save_finished_state(state_dir, fingerprint=provenance.fingerprint(), position=position,
-                                             modules=modules, losses=result.losses, made_from=provenance.to_dict())
-            raise
+        best_file = best_file_for(cfg.output)
+        if result.saved_step != result.steps:  # an earlier evaluated step was better: its file is the output
+            best_file.replace(cfg.output)
+            callbacks.log(f"Saved the weights of step {result.saved_step}, the best evaluated step")
+        else:
+            try:
+                _save_output(cfg, bundle, result.steps, provenance, result.evaluations)
+            except OSError:
+                with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
+                    state_io.save_finished_state(state_dir, fingerprint=provenance.fingerprint(), position=position,
+                                                 modules=modules, losses=result.losses, made_from=provenance.to_dict(),
+                                                 evaluations=[asdict(s) for s in result.evaluations])
+                raise
+            best_file.unlink(missing_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
     return result
 
 
+def best_file_for(output: str) -> Path:
+    """Where the best evaluated step so far is kept while training: a complete checkpoint, usable if the run dies."""
+    path = Path(output)
+    return path.with_name(path.stem + ".best-so-far.safetensors")
+
+
 def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
-               provenance: Provenance) -> tuple[TrainResult, state_io.Position]:
+               provenance: Provenance, evaluation: Evaluation | None) -> tuple[TrainResult, state_io.Position]:
     """The steps and the final previews, with the trained modules and the optimizer on the device; both leave it
     when this returns."""
     device = phase.device
@@ -134,16 +166,31 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
-    position, losses = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler,
-                               callbacks)
+    position, losses, evaluated = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness,
+                                          scaler, callbacks)
     if cfg.channels_last:
         speed.match_state_layout(optimizer)
     resumed_from = position.step
+    best = BestStep.from_list(cfg.max_pres_rise, evaluated)
 
     def save_state():
         state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
                             optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
-                            losses=losses, made_from=provenance.to_dict())
+                            losses=losses, made_from=provenance.to_dict(), evaluations=best.to_list())
+
+    def evaluate() -> bool:
+        """Score this step; keep its weights if it is the best so far. True: fidelity stopped rising, stop here."""
+        scores = evaluation.score(position.step, lambda prompts, seeds: _draw(
+            bundle, cfg, device, precision, prompts, seeds, sampler=evaluation.sampler, guidance=evaluation.guidance))
+        if best.add(scores) and position.step < cfg.max_train_steps:
+            save_checkpoint(bundle, best_file_for(cfg.output),
+                            _output_metadata(cfg, bundle, position.step, provenance, best.history),
+                            dtype=save_dtype(cfg.save_dtype))
+        callbacks.on_evaluation(scores, best)
+        return best.stalled(cfg.early_stop_patience)
+
+    if evaluation is not None and not best.history:
+        evaluate()  # step 0: the base model's scores, PRES's baseline
 
     started = time.monotonic()
     while position.step < cfg.max_train_steps:
@@ -165,7 +212,7 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
         with speed.compile_help(cfg.compile_unet):
             with _autocast(device, precision, cache_casts=False):
                 cond = text.states(len(items), latents.with_prior)
-                pred = unet(noisy, timesteps, cond).sample
+                pred = unet(noisy, timesteps, **cond.unet_kwargs(latents.time_ids(items))).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
@@ -183,6 +230,12 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
             step=position.step, total=cfg.max_train_steps, loss=loss_value, instance_loss=instance_value,
             prior_loss=prior_value, lr=lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,
             eta_s=elapsed / done_here * (cfg.max_train_steps - position.step)))
+        if evaluation is not None and (position.step % cfg.evaluate_every == 0
+                                       or position.step == cfg.max_train_steps):
+            if evaluate():
+                callbacks.log(f"Stopping early at step {position.step}: subject fidelity has not improved for "
+                              f"{cfg.early_stop_patience} evaluations since step {best.best.step}")
+                break  # (no state to save: the run ends here)
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
             save_state()
         if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
@@ -193,7 +246,13 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     samples = _previews(bundle, cfg, callbacks, device, precision)
     if samples:
         callbacks.on_samples(position.step, samples)
-    return TrainResult(cfg.output, position.step, losses, samples, resumed_from), position
+    saved_step = best.best.step if best.best is not None else position.step
+    if evaluation is not None and best.best is None:
+        callbacks.log(f"Warning: every evaluated step let 'a {cfg.class_noun}' drift past the PRES limit "
+                      f"({best.pres_limit:.3f}); the last step is saved. Keep prior preservation on, or lower the "
+                      "learning rate or steps.")
+    return TrainResult(cfg.output, position.step, losses, samples, resumed_from, list(best.history),
+                       saved_step), position
 
 
 def to_host(*values: torch.Tensor) -> list[float]:
@@ -212,11 +271,12 @@ def _autocast(device: torch.device, precision: torch.dtype | None, cache_casts: 
 
 
 class LatentCache:
-    """VAE posteriors (mean, std) of every training image, computed once; the VAE then leaves the GPU."""
+    """VAE posteriors (mean, std) of every training image, computed once; the VAE then leaves the GPU. Also each
+    image's SDXL time ids (original size, crop, target size), which SDXL's UNet is conditioned on."""
 
     def __init__(self, instance: tuple, prior: tuple | None):
-        self.instance_mean, self.instance_std = instance
-        self.prior_mean, self.prior_std = prior if prior else (None, None)
+        self.instance_mean, self.instance_std, self.instance_time_ids = instance
+        self.prior_mean, self.prior_std, self.prior_time_ids = prior if prior else (None, None, None)
 
     @property
     def with_prior(self) -> bool:
@@ -239,48 +299,59 @@ class LatentCache:
         bundle.vae.train(training)
         return cls(instance, prior)
 
+    def _rows(self, items: list[int]) -> tuple[list[int], list[int] | None]:
+        """Rows of a batch: the instance examples, then their paired class examples."""
+        instance = [i % len(self.instance_mean) for i in items]
+        return instance, [i % len(self.prior_mean) for i in items] if self.with_prior else None
+
     def sample(self, items: list[int], randomness) -> torch.Tensor:
         """Posterior samples for a batch: the instance examples, then their paired class examples."""
-        n = len(self.instance_mean)
-        idx = [i % n for i in items]
+        idx, pidx = self._rows(items)
         mean, std = self.instance_mean[idx], self.instance_std[idx]
-        if self.with_prior:
-            pidx = [i % len(self.prior_mean) for i in items]
+        if pidx is not None:
             mean, std = torch.cat([mean, self.prior_mean[pidx]]), torch.cat([std, self.prior_std[pidx]])
         return mean + std * randomness.latent_noise(mean.shape).to(mean.device)
 
+    def time_ids(self, items: list[int]) -> torch.Tensor:
+        """The batch's SDXL time ids, rows in the order of sample()."""
+        idx, pidx = self._rows(items)
+        rows = self.instance_time_ids[idx]
+        return torch.cat([rows, self.prior_time_ids[pidx]]) if pidx is not None else rows
 
-def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
+
+def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    means, stds, time_ids = [], [], []
     for subject_image in images:
         pixels = to_training_tensor(subject_image.image, resolution)[None].to(device, dtype)
         posterior = vae.encode(pixels).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
-    return torch.cat(means), torch.cat(stds)
+        time_ids.append(conditioning.time_ids(*size_conditioning(subject_image.image, resolution)))
+    return torch.cat(means), torch.cat(stds), torch.stack(time_ids).to(device)
 
 
 class TextConditioning:
-    """Encoder states for the instance and class prompts: cached when the text encoder is frozen."""
+    """The conditioning of the instance and class prompts (trainer/conditioning.py): cached when the text encoders
+    are frozen, computed each step when they are trained."""
 
     def __init__(self, bundle, cfg, phase: Phase, frozen_dtype):
-        self.encoder = bundle.text_encoder
+        self.bundle = bundle
         self.trained = cfg.train_text_encoder
-        ids = bundle.tokenizer([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
-                               max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids
-        self.ids = ids.to(phase.device)
+        self.ids = [ids.to(phase.device) for ids in conditioning.tokenize(bundle, [cfg.instance_prompt,
+                                                                                     cfg.class_prompt])]
         if not self.trained:
-            phase.borrow(self.encoder, dtype=frozen_dtype)  # given back when the phase ends
-            training = self.encoder.training
+            phase.borrow(*bundle.text_encoders, dtype=frozen_dtype)  # given back when the phase ends
+            flags = [(encoder, encoder.training) for encoder in bundle.text_encoders]
             with torch.no_grad():
-                self.cached = self.encoder.eval()(self.ids)[0]
-            self.encoder.train(training)
+                self.cached = conditioning.encode(bundle, self.ids)
+            for encoder, training in flags:
+                encoder.train(training)
 
-    def states(self, n: int, with_prior: bool) -> torch.Tensor:
+    def states(self, n: int, with_prior: bool) -> conditioning.Conditioning:
         rows = [0] * n + ([1] * n if with_prior else [])
         if self.trained:
-            return self.encoder(self.ids[rows])[0]
-        return self.cached[rows]
+            return conditioning.encode(self.bundle, [ids[rows] for ids in self.ids])
+        return self.cached.rows(rows)
 
 
 def _class_images(cfg, bundle, callbacks, device):
@@ -309,11 +380,13 @@ def _prepare_for_training(bundle, cfg, modules, phase: Phase, callbacks) -> None
         module.requires_grad_(True)
     bundle.vae.requires_grad_(False)
     if not cfg.train_text_encoder:
-        bundle.text_encoder.requires_grad_(False)
+        for encoder in bundle.text_encoders:
+            encoder.requires_grad_(False)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            bundle.text_encoder.gradient_checkpointing_enable()
+            for encoder in bundle.text_encoders:
+                encoder.gradient_checkpointing_enable()
     if cfg.channels_last:
         speed.to_channels_last(bundle.unet)
 
@@ -389,7 +462,7 @@ def _warnings(cfg, bundle, instance_images) -> list[str]:
 
 
 def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
-    fresh = state_io.Position(0, [], 0), []
+    fresh = state_io.Position(0, [], 0), [], []
     if not cfg.resume:
         return fresh
     for candidate in (state_dir, state_dir.with_name(state_dir.name + ".old")):  # .old: crash during a swap
@@ -404,7 +477,7 @@ def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, random
         position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
                                        lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler)
         callbacks.log(f"Resuming from step {position.step} ({candidate})")
-        return position, list(meta["losses"])
+        return position, list(meta["losses"]), list(meta.get("evaluations", []))
     return fresh
 
 
@@ -414,23 +487,35 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
     if not cfg.sample_prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.sample_prompts))]  # same seeds each time: previews compare
-    frozen = [m for m in (bundle.vae, bundle.text_encoder) if not any(p.requires_grad for p in m.parameters())]
-    half = inference_dtype(device)
     try:
-        with Phase(PREVIEWS, device, log=callbacks.log) as phase:
-            phase.borrow(*frozen, dtype=half)
-            return sample_images(bundle, list(cfg.sample_prompts), seeds=seeds, width=cfg.resolution,
-                                 height=cfg.resolution, steps=cfg.sample_steps, batch_size=1,
-                                 autocast=precision or (half if half != torch.float32 else None))
+        return _draw(bundle, cfg, device, precision, list(cfg.sample_prompts), seeds, callbacks.log)
     except OutOfMemory as error:
         callbacks.log(f"Previews skipped: {error} Training goes on; set sample_every to 0 or lower the resolution "
                       "to avoid this.")
         return []
 
 
-def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
+    """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
+    precision (the previews phase: everything it borrowed leaves the GPU when it ends)."""
+    frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
+    half = inference_dtype(device)
+    with Phase(PREVIEWS, device, log=log) as phase:
+        phase.borrow(*frozen, dtype=half)
+        return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
+                             steps=cfg.sample_steps, batch_size=1,
+                             autocast=precision or (half if half != torch.float32 else None), **sampling)
+
+
+def _save_output(cfg, bundle, steps: int, provenance: Provenance, evaluations: list[StepScores]) -> None:
+    for module in bundle.modules:
         module.to("cpu").eval()
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(bundle, cfg.output, _output_metadata(cfg, bundle, steps, provenance, evaluations),
+                    dtype=save_dtype(cfg.save_dtype))
+
+
+def _output_metadata(cfg, bundle, steps: int, provenance: Provenance, evaluations: list[StepScores]) -> dict:
     metadata = {
         meta.TITLE: Path(cfg.output).stem,
         meta.TRIGGER_PHRASE: cfg.instance_prompt,
@@ -442,5 +527,6 @@ def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
         meta.STEPS: str(steps),
         meta.REQUEST: provenance.request(),
     }
-    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(bundle, cfg.output, metadata, dtype=save_dtype(cfg.save_dtype))
+    if evaluations:  # the scores up to this step, so the file says why it is the one kept
+        metadata[meta.EVALUATIONS] = json.dumps([asdict(scores) for scores in evaluations if scores.step <= steps])
+    return metadata
