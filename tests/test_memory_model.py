@@ -270,3 +270,24 @@ def test_shapes_only_tensors_hold_no_data_and_read_as_one():
             del doubled
             assert tracker.live == 4 * 8  # the table (int64); the real pair's product is gone, and the pair itself
             # was made outside any op, as on a real run
+
+
+@pytest.mark.parametrize("setting", ["bf16+adafactor+gc+fused_backward+bf16_weights+te", "bf16+8bit+gc+fused_backward"])
+def test_shapes_only_counts_what_the_real_run_counts_in_sdxls_training_steps(setting):
+    """The same for SDXL's steps (two text encoders trained, the pooled embedding and time ids), on the tiny SDXL."""
+    from bench.dreambooth_bench import parse_setting
+    from bench.models import random_bundle
+    results = []
+    for shapes_only in (False, True):
+        with memory_model.ShapesOnly() if shapes_only else contextlib.nullcontext():
+            bundle = random_bundle("sdxl", small=True)
+        results.append(memory_model.measure(bundle, parse_setting(setting).ours, steps=2, resolution=64,
+                                            gpu_memory=int(11.6 * memory_model.GIB)))
+    real, fake = results
+    unet_params = sum(p.numel() for p in bundle.unet.parameters())
+    assert real["trained_params"] == fake["trained_params"] == unet_params + (
+        sum(p.numel() for e in bundle.text_encoders for p in e.parameters()) if setting.endswith("+te") else 0)
+    for ours, theirs in zip(fake["steps"], real["steps"]):
+        assert abs(ours["peak"] - theirs["peak"]) <= max(0.002 * theirs["peak"], 64 * 1024), (ours, theirs)
+        for category in memory_model.CATEGORIES[:5]:
+            assert ours["peak_breakdown"][category] == theirs["peak_breakdown"][category], category
