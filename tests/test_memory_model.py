@@ -272,6 +272,7 @@ def test_shapes_only_tensors_hold_no_data_and_read_as_one():
             # was made outside any op, as on a real run
 
 
+@pytest.mark.slow  # about 1 minute each on 2 cores
 @pytest.mark.parametrize("setting", ["bf16+adafactor+gc+fused_backward+bf16_weights+te", "bf16+8bit+gc+fused_backward"])
 def test_shapes_only_counts_what_the_real_run_counts_in_sdxls_training_steps(setting):
     """The same for SDXL's steps (two text encoders trained, the pooled embedding and time ids), on the tiny SDXL."""
