@@ -594,10 +594,11 @@ def whole_run_table(runs: list[dict]) -> str:
     for run in runs:
         budgets = sdxl_budget if run["family"] == "sdxl" else budget
         limit = next((v for k, v in budgets.items() if abs(run["cap_gib"] - k) < 1), run["cap_gib"])
+        preset = run["preset"] + ("+te" if run["family"] == "sdxl" and run.get("text_encoder") else "")
         for phase in run["phases"]:
             reserved = phase["reserved_gib"]
             ok = "n/a" if reserved is None else ("yes" if reserved <= limit else f"NO (> {limit})")
-            lines.append(f"| {MODEL_NAMES[run['family']]} | {run['cap_gib']:g} | {run['preset']} | "
+            lines.append(f"| {MODEL_NAMES[run['family']]} | {run['cap_gib']:g} | {preset} | "
                          f"{phase['command']} | {phase['phase']} | {phase['seconds']:.1f} | "
                          f"{_fmt(phase['allocated_gib'])} | {_fmt(reserved)} | {ok} |")
         lines += [f"| {MODEL_NAMES[run['family']]} | {run['cap_gib']:g} | {run['preset']} | failed: {error} |"
@@ -649,8 +650,9 @@ def report(rows: list[Row], plan: Plan, class_rows: list[Row] = (), whole_runs: 
     if whole_runs:
         lines += ["", "## The command line's whole run under memory caps", "",
                   "Each command in a process capped with torch.cuda.set_per_process_memory_fraction, the memory "
-                  "preset of a card that size; pick-token, then train (8 class images generated, text encoder "
-                  f"trained, {plan.steps} steps, a preview), then sample. Per phase, the peak the engine logs.", "",
+                  "preset of a card that size; pick-token, then train (8 class images generated, the text encoder "
+                  f"trained (SDXL's two: only capped at {SDXL_TE_CAP:g} GiB, a 16 GB card), {plan.steps} steps, a "
+                  "preview), then sample. Per phase, the peak the engine logs.", "",
                   whole_run_table(whole_runs)]
     return "\n".join(lines) + "\n"
 

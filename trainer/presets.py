@@ -51,7 +51,14 @@ XL_PRESETS: dict[str, tuple[dict, dict]] = {
               dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
     "24 GB+": (dict(_XL_FAST, mixed_precision="bf16"), dict(_XL_FAST, mixed_precision="no")),
 }
+# With both text encoders trained (3.4 B parameters), fp32 weights and 8-bit AdamW are 20.9 GiB at the step's peak (est.
+# 23.0 reserved): no room on a 24 GB card. Its bf16 weights with 8-bit AdamW are 14.9 (16.4).
+XL_PRESETS_TEXT_ENCODERS = {
+    "24 GB+": (dict(_XL_FAST, mixed_precision="bf16", bf16_weights=True),
+               dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
+}
 FAMILY_PRESETS = {"sdxl": XL_PRESETS}
+FAMILY_PRESETS_TEXT_ENCODERS = {"sdxl": XL_PRESETS_TEXT_ENCODERS}  # where training the text encoders changes them
 PRESET_NAMES = ("auto", "custom", *PRESETS)
 GIB = 2 ** 30
 
@@ -63,9 +70,13 @@ def preset_for_memory(total_bytes: int) -> str:
     return "12 GB" if total_bytes >= 11 * GIB else "8 GB"
 
 
-def presets_for(family: str | None) -> dict[str, tuple[dict, dict]]:
-    """The presets' levers for a model family ("sd1", "sd2", "sdxl"; None: SD 1.x / 2.x)."""
-    return FAMILY_PRESETS.get(family or "", PRESETS)
+def presets_for(family: str | None, train_text_encoder: bool = False) -> dict[str, tuple[dict, dict]]:
+    """The presets' levers for a model family ("sd1", "sd2", "sdxl"; None: SD 1.x / 2.x), with or without its text
+    encoders trained."""
+    presets = FAMILY_PRESETS.get(family or "", PRESETS)
+    if train_text_encoder:
+        presets = {**presets, **FAMILY_PRESETS_TEXT_ENCODERS.get(family or "", {})}
+    return presets
 
 
 def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int | None = None,
@@ -79,7 +90,7 @@ def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int 
         name = preset_for_memory(total_memory)
     if name == "custom":
         return cfg
-    with_bf16, without_bf16 = presets_for(family)[name]
+    with_bf16, without_bf16 = presets_for(family, cfg.train_text_encoder)[name]
     return dataclasses.replace(cfg, memory_preset=name, **(with_bf16 if has_bf16 else without_bf16))
 
 
