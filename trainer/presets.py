@@ -37,14 +37,14 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 # SDXL at 1024 px (figures: README's memory table, bench/memory_model.py --family sdxl --shapes-only). Its fp32 weights
 # alone are 9.6 GiB and 8-bit AdamW's moments 4.8 GiB more, so on 12 and 16 GB cards the weights are bf16 (stochastic
 # rounding) and the optimizer is Adafactor without a first moment (0.91 GiB of state for the UNet, 0.006 for both text
-# encoders). Gradient checkpointing everywhere: without it one step's activations at 1024 px are 16 GiB. The fastest
-# that fits 24 GB keeps fp32 weights (no rounding kernels) and 8-bit AdamW (one kernel a tensor), stepped in the
-# backward pass (the UNet's fp32 gradients would be 9.6 GiB more). Without bf16 (fp32 compute, fused; fp16 could not be
+# encoders). Gradient checkpointing everywhere: without it the forward pass leaves 16.2 GiB of activations at 1024 px.
+# What we expect fastest of what fits 24 GB (not yet timed on a GPU) keeps fp32 weights (no rounding kernels) and 8-bit
+# AdamW (one kernel a tensor), stepped in the backward pass (the UNet's fp32 gradients would be 9.6 GiB more). Without bf16 (fp32 compute, fused; fp16 could not be
 # fused) the fp32 weights do not fit 12 GB: the leanest there is on such cards.
 _XL_LEAN = dict(gradient_checkpointing=True, optimizer="adafactor", fused_backward=True)
 _XL_FAST = dict(gradient_checkpointing=True, optimizer="adamw8bit", fused_backward=True, bf16_weights=False)
 XL_PRESETS: dict[str, tuple[dict, dict]] = {
-    # SDXL has no 8 GB preset of its own (its bf16 weights are 6.4 GiB): "8 GB" means the leanest, as "12 GB".
+    # SDXL has no 8 GB preset of its own (its bf16 weights are 6.3 GiB, class images take 9.6): "8 GB" means the leanest, as "12 GB".
     "8 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
              dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
     "12 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
