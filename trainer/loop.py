@@ -497,13 +497,14 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
 
 def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
     """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
-    precision (the previews phase: everything it borrowed leaves the GPU when it ends)."""
+    precision (the previews phase: everything it borrowed leaves the GPU when it ends). One image at a time on a GPU,
+    beside the training's memory; all at once on the CPU, where each call costs more than memory does."""
     frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
     half = inference_dtype(device)
     with Phase(PREVIEWS, device, log=log) as phase:
         phase.borrow(*frozen, dtype=half)
         return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
-                             steps=cfg.sample_steps, batch_size=1,
+                             steps=cfg.sample_steps, batch_size=1 if device.type == "cuda" else len(prompts),
                              autocast=precision or (half if half != torch.float32 else None), **sampling)
 
 
