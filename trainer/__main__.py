@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_sampling_options(parser, steps: int) -> None:
     parser.add_argument("--size", type=int, help="image width and height in pixels (default: the model's own, "
-                                                 "512 for SD 1.5)")
+                                                 "512 for SD 1.5, 1024 for SDXL)")
     parser.add_argument("--steps", type=int, default=steps, help=f"sampling steps ({steps})")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (7.5)")
     parser.add_argument("--sampler", default="euler_a", help="ddim, euler, euler_a or dpmpp_2m (euler_a)")
