@@ -44,7 +44,7 @@ def load_checkpoint(path: str) -> tuple:
     if unet_config is None or meta.CONFIGS["unet"] not in header or \
             header.get(meta.ARCHITECTURE) != "stable-diffusion-v1":
         raise ValueError(f"ComfyUI does not recognise the model in {path}, and it is not a small SD 1.x model trained "
-                         "by this pack. Choose an SD 1.x or 2.x checkpoint.")
+                         "by this pack. Choose an SD 1.x, 2.x or SDXL checkpoint.")
     configs = {part: json.loads(header[key]) for part, key in meta.CONFIGS.items()}
     model_config = _sd1_config(unet_config, configs)
     return (_model(state, prefix, model_config), _clip(state, model_config, configs["text"], embeddings),

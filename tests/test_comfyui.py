@@ -36,6 +36,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.p
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "example_workflows" / "dreambooth_personalize.json"
 TOY_WORKFLOW = REPO / "example_workflows" / "dreambooth_toy.json"
+SDXL_WORKFLOW = REPO / "example_workflows" / "dreambooth_sdxl.json"
 BASE_MODEL = "sd15-random.safetensors"
 TOY_BASE = "DreamBooth Studio toy base (32 px demo)"  # how the pack's nodes list trainer/toy/base.safetensors
 PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain", "DBStudioLoadSubjectModel",
@@ -43,7 +44,7 @@ PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioT
 
 
 class Server:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *options: str):
         self.base = base
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -52,7 +53,7 @@ class Server:
         self.log_path = base / "server.log"
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *options],
             cwd=COMFYUI_DIR, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 180
@@ -230,8 +231,25 @@ def test_pack_loads_with_its_nodes_and_templates(server):
         assert info["category"] == "DreamBooth"
         assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"]), node_id
     assert sorted(server.get("/workflow_templates")["dreambooth_studio"]) == ["dreambooth_personalize",
-                                                                             "dreambooth_toy"]
+                                                                             "dreambooth_sdxl", "dreambooth_toy"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
+
+
+def test_sdxl_workflow_draws_at_the_models_own_size(server):
+    """The SDXL template as the editor queues it: every widget value lands on the input it is meant for."""
+    prompt = api_prompt(json.loads(SDXL_WORKFLOW.read_text()), server.object_info)
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    assert by_type["DBStudioGenerateClassPriors"]["size"] == 0 and by_type["DBStudioTrain"]["resolution"] == 0
+    assert by_type["DBStudioTrain"]["memory_preset"] == "auto" and by_type["DBStudioTrain"]["output_name"] == \
+        "my-dog-sdxl"
+    assert (by_type["EmptyLatentImage"]["width"], by_type["EmptyLatentImage"]["height"]) == (1024, 1024)
+    assert by_type["DBStudioLoadSubjectModel"]["ckpt_name"][0] == next(  # wired to Train's checkpoint output
+        key for key, node in prompt.items() if node["class_type"] == "DBStudioTrain")
+    for node_type in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain"):
+        assert by_type[node_type]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    for node_type in ("DBStudioGenerateClassPriors", "DBStudioTrain"):
+        assert server.object_info[node_type]["input"]["required"][{"DBStudioTrain": "resolution"}.get(
+            node_type, "size")][1]["default"] == 0  # new graphs: the model's own size too
 
 
 def checkpoint_options(info: dict) -> list[str]:
