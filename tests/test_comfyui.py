@@ -281,8 +281,8 @@ def test_example_workflow_trains_loads_and_samples(server):
     pixels = np.asarray(Image.open(server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]))
     assert pixels.shape == (64, 64, 3) and pixels.std() > 1  # NaN conditioning or latents decode to flat black
     assert "clip missing" not in server.log() and "left over keys" not in server.log()
-    assert "Memory preset '8 GB' on cpu: 8 GB; precision no, optimizer adamw8bit, gradient checkpointing, " \
-           "fused backward" in server.log()
+    assert "Training SD 1.x at 64 px; memory preset '8 GB' on cpu: 8 GB; precision no, optimizer adamw8bit, " \
+           "gradient checkpointing, fused backward" in server.log()
     assert re.search(r"\[DreamBooth\] Step 2/2: loss \d", server.log())  # a headless user sees training move
 
     # The stock loader reads the file too (what a user does in any other workflow).

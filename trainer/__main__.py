@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
-        description="DreamBooth for Stable Diffusion 1.x/2.x: teach a checkpoint your subject from 3-5 photos.",
+        description="DreamBooth for Stable Diffusion 1.x, 2.x and XL (and models built on them: Pony, Illustrious, "
+                    "NoobAI...): teach a checkpoint your subject from 3-5 photos. The family is read from the file; "
+                    "SDXL trains at 1024 px unless --resolution says otherwise.",
         epilog="Typical run: pick-token, then train (class images are generated and cached on the way), "
                "then sample. Each sub-command has its own --help.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")

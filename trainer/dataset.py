@@ -153,6 +153,14 @@ def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return pixels.to(torch.float32).div(255).sub(0.5).div(0.5)
 
 
+def size_conditioning(image: Image.Image, resolution: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """What to_training_tensor does to `image`, as SDXL's micro-conditioning states it, (height, width) pairs: the
+    original size, the top-left corner of the crop in the resized image, the target size. Computed as diffusers'
+    train_text_to_image_sdxl.py does for the same resize and centre crop."""
+    left, top, _, _ = center_crop_box(*resized_size(*image.size, resolution), resolution)
+    return (image.height, image.width), (top, left), (resolution, resolution)
+
+
 def image_fingerprint(images: list[SubjectImage]) -> str:
     """sha256 over names and decoded pixels (with sizes, so no two different sets can hash the same bytes)."""
     digest = hashlib.sha256()

@@ -7,6 +7,7 @@ when the caller cancels; running the same config again continues from it and end
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import conditioning
 from . import metadata as meta
 from . import speed
 from . import state as state_io
@@ -22,7 +24,7 @@ from .bundle import ModelBundle
 from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
-from .dataset import SubjectImage, load_image_folder, to_training_tensor
+from .dataset import SubjectImage, load_image_folder, size_conditioning, to_training_tensor
 from .device import inference_dtype, resolve_device, training_precision, with_memory_preset
 from .fused import FusedBackward, PerTensorOptimizer
 from .locking import exclusive
@@ -57,20 +59,26 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     cfg.class_dir, else the prior cache (generated on demand)."""
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
-    cfg = with_memory_preset(cfg, device, callbacks.log).validate()
+    cfg.validate()
     if instance_images is None and not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
-    precision = training_precision(cfg, device)
     if cfg.compile_unet:
-        speed.check_compile_toolchain(device)  # before any waiting: class images, encoding
+        speed.check_compile_toolchain(device)  # before any waiting: loading, class images, encoding
     check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad(), exclusive(cfg.output):
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
-            bundle = load_model(cfg.base_model, cfg.prediction_type or None)
-        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device, precision,
-                      instance_images, class_images)
+            zero_snr = {"": None, "default": False, "zero_terminal_snr": True}[cfg.noise_schedule]
+            bundle = load_model(cfg.base_model, cfg.prediction_type or None, zero_terminal_snr=zero_snr)
+        cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
+        return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device,
+                      training_precision(cfg, device), instance_images, class_images)
+
+
+def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
+    """`cfg` with what it leaves to the model: resolution 0 is the family's training size (1024 px for SDXL)."""
+    return cfg if cfg.resolution else dataclasses.replace(cfg, resolution=bundle.spec.resolution)
 
 
 def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images) -> TrainResult:
@@ -92,17 +100,18 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         class_images = []
     elif class_images is None:
         class_images = _class_images(cfg, bundle, callbacks, device)
-    # The frozen VAE and text encoder encode in the training step's precision, as the reference script does.
+    # The frozen VAE and text encoders encode in the training step's precision, as the reference script does; SDXL's
+    # VAE in fp32, as it overflows in fp16 (its config's force_upcast).
     with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
-        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase,
-                                    precision or torch.float32)
+        vae_dtype = torch.float32 if bundle.vae.config.get("force_upcast", False) else precision or torch.float32
+        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase, vae_dtype)
         text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
     state_dir = state_io.state_dir_for(cfg.output)
     provenance = provenance.with_class_images(class_images)
     modules = {"unet": bundle.unet}
     if cfg.train_text_encoder:
-        modules["text_encoder"] = bundle.text_encoder
+        modules.update(zip(("text_encoder", "text_encoder_2"), bundle.text_encoders))
     with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
                                       state_dir, provenance)
@@ -165,7 +174,7 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
         with speed.compile_help(cfg.compile_unet):
             with _autocast(device, precision, cache_casts=False):
                 cond = text.states(len(items), latents.with_prior)
-                pred = unet(noisy, timesteps, cond).sample
+                pred = unet(noisy, timesteps, **cond.unet_kwargs(latents.time_ids(items))).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
@@ -212,11 +221,12 @@ def _autocast(device: torch.device, precision: torch.dtype | None, cache_casts: 
 
 
 class LatentCache:
-    """VAE posteriors (mean, std) of every training image, computed once; the VAE then leaves the GPU."""
+    """VAE posteriors (mean, std) of every training image, computed once; the VAE then leaves the GPU. Also each
+    image's SDXL time ids (original size, crop, target size), which SDXL's UNet is conditioned on."""
 
     def __init__(self, instance: tuple, prior: tuple | None):
-        self.instance_mean, self.instance_std = instance
-        self.prior_mean, self.prior_std = prior if prior else (None, None)
+        self.instance_mean, self.instance_std, self.instance_time_ids = instance
+        self.prior_mean, self.prior_std, self.prior_time_ids = prior if prior else (None, None, None)
 
     @property
     def with_prior(self) -> bool:
@@ -239,48 +249,59 @@ class LatentCache:
         bundle.vae.train(training)
         return cls(instance, prior)
 
+    def _rows(self, items: list[int]) -> tuple[list[int], list[int] | None]:
+        """Rows of a batch: the instance examples, then their paired class examples."""
+        instance = [i % len(self.instance_mean) for i in items]
+        return instance, [i % len(self.prior_mean) for i in items] if self.with_prior else None
+
     def sample(self, items: list[int], randomness) -> torch.Tensor:
         """Posterior samples for a batch: the instance examples, then their paired class examples."""
-        n = len(self.instance_mean)
-        idx = [i % n for i in items]
+        idx, pidx = self._rows(items)
         mean, std = self.instance_mean[idx], self.instance_std[idx]
-        if self.with_prior:
-            pidx = [i % len(self.prior_mean) for i in items]
+        if pidx is not None:
             mean, std = torch.cat([mean, self.prior_mean[pidx]]), torch.cat([std, self.prior_std[pidx]])
         return mean + std * randomness.latent_noise(mean.shape).to(mean.device)
 
+    def time_ids(self, items: list[int]) -> torch.Tensor:
+        """The batch's SDXL time ids, rows in the order of sample()."""
+        idx, pidx = self._rows(items)
+        rows = self.instance_time_ids[idx]
+        return torch.cat([rows, self.prior_time_ids[pidx]]) if pidx is not None else rows
 
-def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
+
+def _encode(vae, images, resolution, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    means, stds, time_ids = [], [], []
     for subject_image in images:
         pixels = to_training_tensor(subject_image.image, resolution)[None].to(device, dtype)
         posterior = vae.encode(pixels).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
-    return torch.cat(means), torch.cat(stds)
+        time_ids.append(conditioning.time_ids(*size_conditioning(subject_image.image, resolution)))
+    return torch.cat(means), torch.cat(stds), torch.stack(time_ids).to(device)
 
 
 class TextConditioning:
-    """Encoder states for the instance and class prompts: cached when the text encoder is frozen."""
+    """The conditioning of the instance and class prompts (trainer/conditioning.py): cached when the text encoders
+    are frozen, computed each step when they are trained."""
 
     def __init__(self, bundle, cfg, phase: Phase, frozen_dtype):
-        self.encoder = bundle.text_encoder
+        self.bundle = bundle
         self.trained = cfg.train_text_encoder
-        ids = bundle.tokenizer([cfg.instance_prompt, cfg.class_prompt], padding="max_length", truncation=True,
-                               max_length=bundle.tokenizer.model_max_length, return_tensors="pt").input_ids
-        self.ids = ids.to(phase.device)
+        self.ids = [ids.to(phase.device) for ids in conditioning.tokenize(bundle, [cfg.instance_prompt,
+                                                                                     cfg.class_prompt])]
         if not self.trained:
-            phase.borrow(self.encoder, dtype=frozen_dtype)  # given back when the phase ends
-            training = self.encoder.training
+            phase.borrow(*bundle.text_encoders, dtype=frozen_dtype)  # given back when the phase ends
+            flags = [(encoder, encoder.training) for encoder in bundle.text_encoders]
             with torch.no_grad():
-                self.cached = self.encoder.eval()(self.ids)[0]
-            self.encoder.train(training)
+                self.cached = conditioning.encode(bundle, self.ids)
+            for encoder, training in flags:
+                encoder.train(training)
 
-    def states(self, n: int, with_prior: bool) -> torch.Tensor:
+    def states(self, n: int, with_prior: bool) -> conditioning.Conditioning:
         rows = [0] * n + ([1] * n if with_prior else [])
         if self.trained:
-            return self.encoder(self.ids[rows])[0]
-        return self.cached[rows]
+            return conditioning.encode(self.bundle, [ids[rows] for ids in self.ids])
+        return self.cached.rows(rows)
 
 
 def _class_images(cfg, bundle, callbacks, device):
@@ -309,11 +330,13 @@ def _prepare_for_training(bundle, cfg, modules, phase: Phase, callbacks) -> None
         module.requires_grad_(True)
     bundle.vae.requires_grad_(False)
     if not cfg.train_text_encoder:
-        bundle.text_encoder.requires_grad_(False)
+        for encoder in bundle.text_encoders:
+            encoder.requires_grad_(False)
     if cfg.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            bundle.text_encoder.gradient_checkpointing_enable()
+            for encoder in bundle.text_encoders:
+                encoder.gradient_checkpointing_enable()
     if cfg.channels_last:
         speed.to_channels_last(bundle.unet)
 
@@ -414,7 +437,7 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
     if not cfg.sample_prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.sample_prompts))]  # same seeds each time: previews compare
-    frozen = [m for m in (bundle.vae, bundle.text_encoder) if not any(p.requires_grad for p in m.parameters())]
+    frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
     half = inference_dtype(device)
     try:
         with Phase(PREVIEWS, device, log=callbacks.log) as phase:
@@ -429,7 +452,7 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
 
 
 def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
-    for module in (bundle.unet, bundle.text_encoder, bundle.vae):
+    for module in bundle.modules:
         module.to("cpu").eval()
     metadata = {
         meta.TITLE: Path(cfg.output).stem,

@@ -23,14 +23,14 @@ def save_dtype(name: str) -> torch.dtype:
 
 def checkpoint_bytes(bundle, dtype: torch.dtype) -> int:
     """The size of the single file save_checkpoint writes for `bundle` (within the header's few kB)."""
-    tensors = [t for m in (bundle.unet, bundle.vae, bundle.text_encoder) for t in (*m.parameters(), *m.buffers())]
+    tensors = [t for m in bundle.modules for t in (*m.parameters(), *m.buffers())]
     tensors += list(bundle.passthrough.values())
     return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
 def state_bytes(cfg, bundle) -> int:
     """About what a resumable training state takes: the trained weights, and the optimizer's moments."""
-    trained = [bundle.unet] + ([bundle.text_encoder] if cfg.train_text_encoder else [])
+    trained = [bundle.unet] + (bundle.text_encoders if cfg.train_text_encoder else [])
     params = sum(p.numel() for m in trained for p in m.parameters())
     per_param = (2 if cfg.bf16_weights else 4) + (8 if cfg.optimizer == "adamw" else 2)
     return params * per_param

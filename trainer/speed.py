@@ -104,7 +104,7 @@ def compile_for_training(bundle, latents, text, cfg, device: torch.device, autoc
 
 
 def example_batch(latents, text, batch_size: int, num_train_timesteps: int, device: torch.device,
-                  channels_last: bool, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  channels_last: bool, autocast) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
     """UNet inputs shaped, typed and laid out like the first step's, drawn from a generator of their own (the run's
     random stream is untouched), so that the compiled graph checked here is the one training uses."""
     n = min(batch_size, latents.num_items)
@@ -116,7 +116,7 @@ def example_batch(latents, text, batch_size: int, num_train_timesteps: int, devi
     timesteps = torch.randint(0, num_train_timesteps, (rows,), generator=generator).to(device)
     with autocast():
         cond = text.states(n, latents.with_prior)
-    return noisy, timesteps, cond
+    return (noisy, timesteps), cond.unet_kwargs(latents.time_ids(list(range(n))))
 
 
 def check_compiled(unet: torch.nn.Module, compiled, batch: tuple, autocast) -> None:
@@ -128,7 +128,7 @@ def check_compiled(unet: torch.nn.Module, compiled, batch: tuple, autocast) -> N
     norms = []
     for forward in (unet, compiled):
         with autocast():
-            output = forward(*batch).sample
+            output = forward(*batch[0], **batch[1]).sample
         # A sum, not a mean: fp16 autocast gradients of a mean underflow.
         grads = torch.autograd.grad(output.float().square().sum(), params, allow_unused=True)
         norms.append(torch.stack([torch.linalg.vector_norm(g.float()) if g is not None else p.new_zeros(())

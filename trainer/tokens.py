@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import Conditioning, encode, time_ids, tokenize
 from .prompts import class_prompt, instance_prompt
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -232,20 +233,27 @@ def rank_identifiers(bundle, candidates: list[str], class_noun: str, *, seed: in
                             batch_size)
     token_ids = [tuple(_ids(bundle.tokenizer, identifier)) for identifier in candidates]
     class_start = 1 + len(_ids(bundle.tokenizer, "a"))  # after the start token and "a"
-    text = [text_shift(reference[0], state, class_start, len(ids)) for state, ids in zip(states, token_ids)]
+    text = [text_shift(reference.states[0], state, class_start, len(ids))
+            for state, ids in zip(states.states, token_ids)]
     order = sorted(range(len(candidates)), key=lambda i: (text[i], candidates[i]))[:shortlist]
-    strengths = denoiser_shifts(bundle, reference, states[order], seed=seed, latent_size=latent_size,
+    strengths = denoiser_shifts(bundle, reference, states.rows(order), seed=seed, latent_size=latent_size,
                                 batch_size=batch_size)
     ranked = [RankedToken(candidates[i], strength, token_ids[i], text[i]) for i, strength in zip(order, strengths)]
     return sorted(ranked, key=lambda token: (token.strength, token.identifier))
 
 
-def encode_prompts(bundle, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """The UNet conditioning of each prompt, [len(prompts), 77, width], as the SD1/SD2 pipelines compute it."""
-    tokenizer, encoder = bundle.tokenizer, bundle.text_encoder
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(encoder.device)
-    return torch.cat([encoder(chunk)[0] for chunk in ids.split(batch_size)])
+def encode_prompts(bundle, prompts: list[str], batch_size: int) -> Conditioning:
+    """The UNet conditioning of each prompt (states [len(prompts), 77, width]), as the pipelines compute it."""
+    ids = tokenize(bundle, prompts)
+    chunks = [encode(bundle, [encoder_ids[start:start + batch_size] for encoder_ids in ids])
+              for start in range(0, len(prompts), batch_size)]
+    return concatenated(chunks)
+
+
+def concatenated(parts: list[Conditioning]) -> Conditioning:
+    pooled = [part.pooled for part in parts]
+    return Conditioning(torch.cat([part.states for part in parts]),
+                        None if pooled[0] is None else torch.cat(pooled))
 
 
 def text_shift(reference: torch.Tensor, shifted: torch.Tensor, class_start: int, inserted: int) -> float:
@@ -263,7 +271,7 @@ def denoiser_shifts(bundle, reference: torch.Tensor, states: torch.Tensor, *, se
     latents, timesteps = probe_latents(bundle, seed, latent_size)
     # One pass over reference and candidates keeps the UNet batches the same shape (CPU backends re-plan per shape).
     class_prediction, empty_prediction, *predictions = predict(bundle.unet, latents, timesteps,
-                                                               torch.cat([reference, states]), batch_size)
+                                                               concatenated([reference, states]), batch_size)
     scale = (class_prediction - empty_prediction).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
     return [((prediction - class_prediction).pow(2).sum() / scale).sqrt().item() for prediction in predictions]
 
@@ -278,11 +286,19 @@ def probe_latents(bundle, seed: int, latent_size: int) -> tuple[torch.Tensor, to
     return noisy.to(bundle.unet.device, bundle.unet.dtype), timesteps.to(bundle.unet.device)
 
 
-def predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor,
+def predict(unet, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
             batch_size: int) -> torch.Tensor:
-    """UNet predictions for every (conditioning, probe) pair, [len(states), probes, C, H, W] in float32."""
-    count, probes = states.shape[0], latents.shape[0]
-    inputs = zip(latents.repeat(count, 1, 1, 1).split(batch_size), timesteps.repeat(count).split(batch_size),
-                 states.to(unet.device, unet.dtype).repeat_interleave(probes, dim=0).split(batch_size))
-    outputs = [unet(x, t, encoder_hidden_states=c).sample.float() for x, t, c in inputs]
+    """UNet predictions for every (conditioning, probe) pair, [len(states), probes, C, H, W] in float32. SDXL's
+    time ids say the probes are whole, uncropped images of their size."""
+    count, probes = cond.states.shape[0], latents.shape[0]
+    pixels = latents.shape[-1] * 8
+    size_ids = time_ids((pixels, pixels), (0, 0), (pixels, pixels))
+    rows = [row for row in range(count) for _ in range(probes)]
+    all_latents, all_timesteps = latents.repeat(count, 1, 1, 1), timesteps.repeat(count)
+    outputs = []
+    for start in range(0, count * probes, batch_size):
+        chunk = rows[start:start + batch_size]
+        part = cond.rows(chunk).to(unet.device, unet.dtype)
+        x, t = all_latents[start:start + batch_size], all_timesteps[start:start + batch_size]
+        outputs.append(unet(x, t, **part.unet_kwargs(size_ids.expand(len(chunk), -1))).sample.float())
     return torch.cat(outputs).unflatten(0, (count, probes))
