@@ -1,12 +1,14 @@
-"""A full-size SDXL-shaped checkpoint (random weights) through the pack in a real ComfyUI: ComfyUI's own loader reads our
-export without missing or left-over keys, Generate Class Priors and DreamBooth Train run two training steps on it and
-save, and Load Subject Model loads the result and samples it exactly as Load Checkpoint does.
+"""A full-size SDXL-shaped checkpoint (random weights) through the pack in a real ComfyUI: ComfyUI's own loader reads
+our export without missing or left-over keys, Generate Class Priors and DreamBooth Train run two training steps on it
+and save, and Load Subject Model loads the result and samples it exactly as Load Checkpoint does.
 
-Slow (about N minutes on a 2-core CPU; the figures are in the test's printout) and it needs COMFYUI_DIR, as
-tests/test_comfyui.py. Memory: the base file is 7 GB (fp16) on disk, and a CPU run holds SDXL in fp32 while ComfyUI
-samples (about 17 GB), so the settings are the leanest there are: 256 px, bf16 weights with stochastic rounding, the
-optimizer fused into the backward pass, 8-bit AdamW, gradient checkpointing, one class image; and ComfyUI keeps no
-node outputs between prompts (--cache-none), so one model at a time is in memory.
+Slow, and it needs COMFYUI_DIR, as tests/test_comfyui.py. Measured on a 2-core CPU shared with other jobs (load
+average 6-8): 35 minutes, of which each training step about 7 minutes and the Train node's preview (20 steps at
+256 px) 8; ComfyUI's peak resident memory 20.0 GiB. It needs about 24 GB of RAM and 15 GB of disk: the base file and
+the trained one are 7 GB each (fp16), and a CPU holds SDXL in fp32 where ComfyUI samples (about 17 GB). So the
+settings are the leanest there are: 256 px, bf16 weights with stochastic rounding, the optimizer fused into the
+backward pass, 8-bit AdamW, gradient checkpointing, one class image; and ComfyUI keeps no node outputs between
+prompts (--cache-none), so one model at a time is in memory.
 """
 from __future__ import annotations
 
@@ -126,6 +128,8 @@ def test_full_size_sdxl_loads_trains_saves_loads_and_samples(server):
     metadata = read_metadata(trained)
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert metadata["modelspec.trigger_phrase"] == "a lnp dog" and metadata["dreambooth.steps"] == "2"
+    assert ("[DreamBooth] Training SDXL at 256 px on cpu; memory preset 'custom': precision bf16, optimizer adamw8bit, "
+            "gradient checkpointing, fused backward, bf16 weights, text encoder frozen") in server.log()
     assert re.search(r"\[DreamBooth\] Step 2/2: loss \d", server.log())
     assert key_reports(server.log()) == []  # the trained file too
     through_pack = saved_pixels(server, entry)
