@@ -21,3 +21,15 @@ def test_empty_and_flat_histories_draw_without_error():
     assert loss_curve([]).size == (512, 256)
     flat = np.asarray(loss_curve([0.5] * 10))
     assert (flat != BACKGROUND).any()
+
+
+def test_evaluation_curve_marks_the_best_step_and_draws_fidelity_rising():
+    from trainer.evaluation import StepScores
+    from trainer.plots import BEST, FIDELITY, evaluation_curve
+    history = [StepScores(step, fidelity, 0.3) for step, fidelity in ((0, 0.1), (100, 0.5), (200, 0.9), (300, 0.6))]
+    pixels = np.asarray(evaluation_curve(history, best_step=200, pres_limit=0.4, width=408, height=200))
+    best_columns = np.where((pixels == BEST).all(axis=2).any(axis=0))[0]
+    assert abs(best_columns.mean() - (8 + 392 * 200 / 300)) <= 1  # the yellow line at step 200 of 300
+    fidelity_rows = [np.where((pixels[:, x] == FIDELITY).all(axis=1))[0] for x in (10, 270)]
+    assert fidelity_rows[0].mean() > fidelity_rows[1].mean()  # 0.1 at step 0 is drawn lower than 0.9 at step 200
+    assert evaluation_curve([], None, None).size == (512, 256)

@@ -15,7 +15,8 @@ from .prompts import class_prompt
 # Short names for the settings people type most; every other TrainConfig field is --field-name.
 _ALIASES = {"base_model": ["--model"], "instance_dir": ["--images"]}
 _SECTIONS = {"base_model": "what to learn", "with_prior_preservation": "prior preservation",
-             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews"}
+             "resolution": "optimisation", "device": "memory and speed", "save_dtype": "saving, resuming, previews",
+             "evaluate_every": "knowing when it worked"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +147,7 @@ def _priors(args) -> int:
 def _train(args) -> int:
     from .callbacks import TrainingCancelled
     from .loop import train
+    from .plots import evaluation_curve
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     printer = _ConsolePrinter()
     signal.signal(signal.SIGINT, printer.request_stop)
@@ -154,7 +156,12 @@ def _train(args) -> int:
     except TrainingCancelled as cancelled:
         print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
-    print(f"Saved {result.output} after {result.steps} steps. Prompt with: {cfg.instance_prompt!r}")
+    if printer.evaluations:
+        curve = Path(result.output).with_suffix(".evaluation.png")
+        evaluation_curve(*printer.evaluations).save(curve)
+        print(f"Scores of each evaluated step: {curve}")
+    kept = f" (the weights of step {result.saved_step}, the best evaluated)" if result.saved_step != result.steps else ""
+    print(f"Saved {result.output} after {result.steps} steps{kept}. Prompt with: {cfg.instance_prompt!r}")
     return 0
 
 
@@ -253,6 +260,7 @@ class _ConsolePrinter:
     def __init__(self):
         self.stop = False
         self.bars: dict[str, Progress] = {}
+        self.evaluations = None  # (history, best step, PRES limit) once the run has evaluated
 
     def request_stop(self, *_):
         if self.stop:
@@ -274,6 +282,12 @@ class _ConsolePrinter:
 
     def on_samples(self, step, images) -> None:
         pass
+
+    def on_evaluation(self, scores, best) -> None:
+        chosen = f"best so far: step {best.best.step}" if best.best else "the base model's baseline"
+        self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {scores.pres:.3f} "
+                 f"({chosen})")
+        self.evaluations = (list(best.history), best.best.step if best.best else None, best.pres_limit)
 
     def log(self, message: str) -> None:
         self._interrupt_bars()

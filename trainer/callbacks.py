@@ -29,6 +29,9 @@ class Callbacks:
     def on_samples(self, step: int, images: list) -> None:
         """Preview images (PIL) made every `sample_every` steps and at the end."""
 
+    def on_evaluation(self, scores, best) -> None:
+        """With evaluate_every: a step's StepScores and the BestStep record so far (trainer/evaluation.py)."""
+
     def on_progress(self, what: str, done: int, total: int) -> None:
         """Progress of work before the steps, e.g. ("Class images", 37, 200)."""
 

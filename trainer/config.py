@@ -81,6 +81,12 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts for preview images, e.g. 'a zwx dog on the beach'."})
     sample_steps: int = _setting(20, "Sampling steps of each preview image.")
 
+    # Knowing when it worked (trainer/evaluation.py)
+    evaluate_every: int = _setting(0, "Score the model every N steps (and at step 0 and the end): fixed-seed samples of the subject in a few contexts and of 'a [class noun]', against the photos (the paper's subject fidelity and PRES), and save the best step instead of the last (0 = off). Needs embedding models; see the README.")
+    evaluation_prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts of the subject to score; empty = 'a [identifier] [class noun]' in the jungle, in the snow, on the beach and on a wooden floor."})
+    max_pres_rise: float = _setting(0.1, "A step counts as best only if its PRES (how much 'a [class noun]' looks like your subject) is at most this much above the base model's.")
+    early_stop_patience: int = _setting(0, "Stop when subject fidelity has not improved for this many evaluations (0 = train all steps).")
+
     def __post_init__(self):
         self.instance_prompt = self.instance_prompt or instance_prompt(self.identifier, self.class_noun)
         self.class_prompt = self.class_prompt or class_prompt(self.class_noun)
@@ -121,6 +127,13 @@ class TrainConfig:
         _at_least(self.checkpoint_every, 0, "checkpoint_every")
         _at_least(self.sample_every, 0, "sample_every")
         _at_least(self.sample_steps, 1, "sample_steps")
+        _at_least(self.evaluate_every, 0, "evaluate_every")
+        _at_least(self.early_stop_patience, 0, "early_stop_patience")
+        if self.early_stop_patience and not self.evaluate_every:
+            raise ConfigError("early_stop_patience: needs evaluate_every (the evaluations it counts); set both or "
+                              "neither")
+        if self.max_pres_rise < 0:
+            raise ConfigError(f"max_pres_rise: {self.max_pres_rise} must be >= 0 (0.1 lets PRES rise by 0.1)")
         if not 0 < self.learning_rate < 1:
             raise ConfigError(f"learning_rate: {self.learning_rate} is out of range; DreamBooth uses about 1e-6 to 5e-6")
         if self.prior_loss_weight < 0:

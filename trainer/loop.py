@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .callbacks import Callbacks, StepInfo, TrainingCancelled
 from .checkpoint import save_checkpoint
 from .config import ConfigError, TrainConfig
 from .dataset import SubjectImage, load_image_folder, size_conditioning, to_training_tensor
+from .evaluation import BestStep, Evaluation, StepScores
 from .device import inference_dtype, resolve_device, training_precision, with_memory_preset
 from .fused import FusedBackward, PerTensorOptimizer
 from .locking import exclusive
@@ -48,20 +50,26 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     samples: list = field(default_factory=list)  # PIL previews of cfg.sample_prompts at the end
     resumed_from: int = 0
+    evaluations: list[StepScores] = field(default_factory=list)  # with evaluate_every, step 0 included
+    saved_step: int = 0  # the step whose weights are in the output: the best evaluated one, else the last
 
 
 def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callbacks | None = None,
           randomness=None, instance_images: list[SubjectImage] | None = None,
-          class_images: list[SubjectImage] | None = None) -> TrainResult:
+          class_images: list[SubjectImage] | None = None, evaluation: Evaluation | None = None) -> TrainResult:
     """Fine-tune `bundle` (loaded from cfg.base_model when None) in place and write cfg.output.
 
     Photos come from cfg.instance_dir unless given as `instance_images`; class images from `class_images`, else
-    cfg.class_dir, else the prior cache (generated on demand)."""
+    cfg.class_dir, else the prior cache (generated on demand). With cfg.evaluate_every, `evaluation` scores the model
+    (trainer/evaluation.py) and the output holds the best evaluated step."""
     callbacks = callbacks or Callbacks()
     device = resolve_device(cfg.device)
     cfg.validate()
     if instance_images is None and not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
+    if cfg.evaluate_every and evaluation is None:
+        raise ConfigError("evaluate_every: needs embedding models to score the samples with; see the README "
+                          "(Measure Subject Fidelity) for where to put them, or set evaluate_every to 0")
     if cfg.compile_unet:
         speed.check_compile_toolchain(device)  # before any waiting: loading, class images, encoding
     check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
@@ -73,7 +81,8 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
             bundle = load_model(cfg.base_model, cfg.prediction_type or None, zero_terminal_snr=zero_snr)
         cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
         return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device,
-                      training_precision(cfg, device), instance_images, class_images)
+                      training_precision(cfg, device), instance_images, class_images,
+                      evaluation if cfg.evaluate_every else None)
 
 
 def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
@@ -81,7 +90,8 @@ def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
     return cfg if cfg.resolution else dataclasses.replace(cfg, resolution=bundle.spec.resolution)
 
 
-def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images) -> TrainResult:
+def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images,
+           evaluation) -> TrainResult:
     multiple = size_multiple(bundle)
     if cfg.resolution % multiple:
         nearest = max(1, round(cfg.resolution / multiple)) * multiple
@@ -114,22 +124,35 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         modules.update(zip(("text_encoder", "text_encoder_2"), bundle.text_encoders))
     with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
-                                      state_dir, provenance)
+                                      state_dir, provenance, evaluation)
     del latents, text  # the last of the run on the GPU: saving needs none of it
     with Phase(SAVING, device, log=callbacks.log, host_only=True):
-        try:
-            _save_output(cfg, bundle, result.steps, provenance)
-        except OSError:
-            with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
-                state_io.save_finished_state(state_dir, fingerprint=provenance.fingerprint(), position=position,
-                                             modules=modules, losses=result.losses, made_from=provenance.to_dict())
-            raise
+        best_file = best_file_for(cfg.output)
+        if result.saved_step != result.steps:  # an earlier evaluated step was better: its file is the output
+            best_file.replace(cfg.output)
+            callbacks.log(f"Saved the weights of step {result.saved_step}, the best evaluated step")
+        else:
+            try:
+                _save_output(cfg, bundle, result.steps, provenance, result.evaluations)
+            except OSError:
+                with contextlib.suppress(OSError):  # keep the finished run if there is room: a rerun then only saves
+                    state_io.save_finished_state(state_dir, fingerprint=provenance.fingerprint(), position=position,
+                                                 modules=modules, losses=result.losses, made_from=provenance.to_dict(),
+                                                 evaluations=[asdict(s) for s in result.evaluations])
+                raise
+            best_file.unlink(missing_ok=True)
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete; the state is gigabytes nobody needs now
     return result
 
 
+def best_file_for(output: str) -> Path:
+    """Where the best evaluated step so far is kept while training: a complete checkpoint, usable if the run dies."""
+    path = Path(output)
+    return path.with_name(path.stem + ".best-so-far.safetensors")
+
+
 def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
-               provenance: Provenance) -> tuple[TrainResult, state_io.Position]:
+               provenance: Provenance, evaluation: Evaluation | None) -> tuple[TrainResult, state_io.Position]:
     """The steps and the final previews, with the trained modules and the optimizer on the device; both leave it
     when this returns."""
     device = phase.device
@@ -143,16 +166,31 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
-    position, losses = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler,
-                               callbacks)
+    position, losses, evaluated = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness,
+                                          scaler, callbacks)
     if cfg.channels_last:
         speed.match_state_layout(optimizer)
     resumed_from = position.step
+    best = BestStep.from_list(cfg.max_pres_rise, evaluated)
 
     def save_state():
         state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
                             optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
-                            losses=losses, made_from=provenance.to_dict())
+                            losses=losses, made_from=provenance.to_dict(), evaluations=best.to_list())
+
+    def evaluate() -> bool:
+        """Score this step; keep its weights if it is the best so far. True: fidelity stopped rising, stop here."""
+        scores = evaluation.score(position.step, lambda prompts, seeds: _draw(
+            bundle, cfg, device, precision, prompts, seeds, sampler=evaluation.sampler, guidance=evaluation.guidance))
+        if best.add(scores) and position.step < cfg.max_train_steps:
+            save_checkpoint(bundle, best_file_for(cfg.output),
+                            _output_metadata(cfg, bundle, position.step, provenance, best.history),
+                            dtype=save_dtype(cfg.save_dtype))
+        callbacks.on_evaluation(scores, best)
+        return best.stalled(cfg.early_stop_patience)
+
+    if evaluation is not None and not best.history:
+        evaluate()  # step 0: the base model's scores, PRES's baseline
 
     started = time.monotonic()
     while position.step < cfg.max_train_steps:
@@ -192,6 +230,12 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
             step=position.step, total=cfg.max_train_steps, loss=loss_value, instance_loss=instance_value,
             prior_loss=prior_value, lr=lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,
             eta_s=elapsed / done_here * (cfg.max_train_steps - position.step)))
+        if evaluation is not None and (position.step % cfg.evaluate_every == 0
+                                       or position.step == cfg.max_train_steps):
+            if evaluate():
+                callbacks.log(f"Stopping early at step {position.step}: subject fidelity has not improved for "
+                              f"{cfg.early_stop_patience} evaluations since step {best.best.step}")
+                break  # (no state to save: the run ends here)
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
             save_state()
         if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
@@ -202,7 +246,13 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     samples = _previews(bundle, cfg, callbacks, device, precision)
     if samples:
         callbacks.on_samples(position.step, samples)
-    return TrainResult(cfg.output, position.step, losses, samples, resumed_from), position
+    saved_step = best.best.step if best.best is not None else position.step
+    if evaluation is not None and best.best is None:
+        callbacks.log(f"Warning: every evaluated step let 'a {cfg.class_noun}' drift past the PRES limit "
+                      f"({best.pres_limit:.3f}); the last step is saved. Keep prior preservation on, or lower the "
+                      "learning rate or steps.")
+    return TrainResult(cfg.output, position.step, losses, samples, resumed_from, list(best.history),
+                       saved_step), position
 
 
 def to_host(*values: torch.Tensor) -> list[float]:
@@ -412,7 +462,7 @@ def _warnings(cfg, bundle, instance_images) -> list[str]:
 
 
 def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
-    fresh = state_io.Position(0, [], 0), []
+    fresh = state_io.Position(0, [], 0), [], []
     if not cfg.resume:
         return fresh
     for candidate in (state_dir, state_dir.with_name(state_dir.name + ".old")):  # .old: crash during a swap
@@ -427,7 +477,7 @@ def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, random
         position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
                                        lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler)
         callbacks.log(f"Resuming from step {position.step} ({candidate})")
-        return position, list(meta["losses"])
+        return position, list(meta["losses"]), list(meta.get("evaluations", []))
     return fresh
 
 
@@ -437,23 +487,35 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
     if not cfg.sample_prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.sample_prompts))]  # same seeds each time: previews compare
-    frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
-    half = inference_dtype(device)
     try:
-        with Phase(PREVIEWS, device, log=callbacks.log) as phase:
-            phase.borrow(*frozen, dtype=half)
-            return sample_images(bundle, list(cfg.sample_prompts), seeds=seeds, width=cfg.resolution,
-                                 height=cfg.resolution, steps=cfg.sample_steps, batch_size=1,
-                                 autocast=precision or (half if half != torch.float32 else None))
+        return _draw(bundle, cfg, device, precision, list(cfg.sample_prompts), seeds, callbacks.log)
     except OutOfMemory as error:
         callbacks.log(f"Previews skipped: {error} Training goes on; set sample_every to 0 or lower the resolution "
                       "to avoid this.")
         return []
 
 
-def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
+def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
+    """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
+    precision (the previews phase: everything it borrowed leaves the GPU when it ends)."""
+    frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
+    half = inference_dtype(device)
+    with Phase(PREVIEWS, device, log=log) as phase:
+        phase.borrow(*frozen, dtype=half)
+        return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
+                             steps=cfg.sample_steps, batch_size=1,
+                             autocast=precision or (half if half != torch.float32 else None), **sampling)
+
+
+def _save_output(cfg, bundle, steps: int, provenance: Provenance, evaluations: list[StepScores]) -> None:
     for module in bundle.modules:
         module.to("cpu").eval()
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(bundle, cfg.output, _output_metadata(cfg, bundle, steps, provenance, evaluations),
+                    dtype=save_dtype(cfg.save_dtype))
+
+
+def _output_metadata(cfg, bundle, steps: int, provenance: Provenance, evaluations: list[StepScores]) -> dict:
     metadata = {
         meta.TITLE: Path(cfg.output).stem,
         meta.TRIGGER_PHRASE: cfg.instance_prompt,
@@ -465,5 +527,6 @@ def _save_output(cfg, bundle, steps: int, provenance: Provenance) -> None:
         meta.STEPS: str(steps),
         meta.REQUEST: provenance.request(),
     }
-    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(bundle, cfg.output, metadata, dtype=save_dtype(cfg.save_dtype))
+    if evaluations:  # the scores up to this step, so the file says why it is the one kept
+        metadata[meta.EVALUATIONS] = json.dumps([asdict(scores) for scores in evaluations if scores.step <= steps])
+    return metadata

@@ -19,4 +19,5 @@ BASE_MODEL = "dreambooth.base_model"
 BASE_MODEL_SHA256 = "dreambooth.base_model_sha256"
 TRAIN_CONFIG = "dreambooth.train_config"
 STEPS = "dreambooth.steps"
+EVALUATIONS = "dreambooth.evaluations"  # trainer/evaluation.py: [{step, subject_fidelity, pres}] up to the saved step
 REQUEST = "dreambooth.request"  # trainer/provenance.py: the settings, base model and photos it was trained from

@@ -38,3 +38,46 @@ def loss_curve(losses: list[float], width: int = 512, height: int = 256) -> Imag
     draw.text((left, 4), f"loss over {len(losses)} steps   min {low:.4f}   max {high:.4f}   "
                          f"last (smoothed) {smoothed(losses)[-1]:.4f}", fill=TEXT)
     return image
+
+
+FIDELITY, PRES, BEST = (120, 200, 120), (230, 110, 110), (255, 220, 90)
+
+
+def evaluation_curve(history, best_step: int | None, pres_limit: float | None, width: int = 512,
+                     height: int = 256) -> Image.Image:
+    """Subject fidelity (green, up is better) and PRES (red, down is better) at each evaluated step, the PRES limit
+    (dashed) and the best step (a yellow line): why the saved step was chosen. `history`: StepScores in step order."""
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 8, 22, width - 8, height - 8
+    for i in range(5):
+        y = top + (bottom - top) * i / 4
+        draw.line([(left, y), (right, y)], fill=GRID)
+    if not history:
+        draw.text((left, 4), "no evaluations yet", fill=TEXT)
+        return image
+    values = [s.subject_fidelity for s in history] + [s.pres for s in history] + \
+        ([pres_limit] if pres_limit is not None else [])
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    last = max(s.step for s in history) or 1
+
+    def point(step: int, value: float) -> tuple[float, float]:
+        return left + (right - left) * step / last, bottom - (bottom - top) * (value - low) / span
+
+    if best_step is not None:
+        x = point(best_step, low)[0]
+        draw.line([(x, top), (x, bottom)], fill=BEST, width=1)
+    if pres_limit is not None:
+        y = point(0, pres_limit)[1]
+        for x in range(left, right, 12):
+            draw.line([(x, y), (min(x + 6, right), y)], fill=PRES)
+    for values_of, color in ((lambda s: s.subject_fidelity, FIDELITY), (lambda s: s.pres, PRES)):
+        points = [point(s.step, values_of(s)) for s in history]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse([(x - 2, y - 2), (x + 2, y + 2)], fill=color)
+    best = f"best step {best_step}" if best_step is not None else "no step within the PRES limit yet"
+    draw.text((left, 4), f"subject fidelity (green) and PRES (red) at {len(history)} evaluations; {best}", fill=TEXT)
+    return image

@@ -34,7 +34,8 @@ def state_dir_for(output: str) -> Path:
 
 
 def save_state(directory: Path, *, fingerprint: str, position: Position, modules: dict[str, torch.nn.Module],
-               optimizer, lr_scheduler, randomness, scaler, losses: list[float], made_from: dict | None = None) -> None:
+               optimizer, lr_scheduler, randomness, scaler, losses: list[float], made_from: dict | None = None,
+               evaluations: list[dict] = ()) -> None:
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
     meta = {
@@ -48,17 +49,19 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
         "scaler": scaler.state_dict() if scaler is not None else None,
         "losses": losses,
         "made_from": made_from,  # trainer/provenance.py: to say what differs when a run does not resume
+        "evaluations": list(evaluations),  # trainer/evaluation.py: the scores so far
     }
     _write(directory, {WEIGHTS: _weights(modules), OPTIMIZER: opt_tensors}, meta)
 
 
 def save_finished_state(directory: Path, *, fingerprint: str, position: Position,
-                        modules: dict[str, torch.nn.Module], losses: list[float], made_from: dict | None = None) -> None:
+                        modules: dict[str, torch.nn.Module], losses: list[float], made_from: dict | None = None,
+                        evaluations: list[dict] = ()) -> None:
     """A run whose steps are all done but whose output could not be written: its weights only (no more steps will
     need the optimizer), so that running it again only saves."""
     meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
             "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses,
-            "made_from": made_from}
+            "made_from": made_from, "evaluations": list(evaluations)}
     _write(directory, {WEIGHTS: _weights(modules)}, meta)
 
 

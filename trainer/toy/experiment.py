@@ -17,6 +17,7 @@ import torch
 from ..callbacks import Callbacks, StepInfo
 from ..config import TrainConfig
 from ..dataset import to_training_tensor
+from ..evaluation import Evaluation
 from ..loop import train
 from ..bundle import ModelBundle
 from ..models import load_model
@@ -104,6 +105,14 @@ class AtSteps(Callbacks):
     def on_step(self, info: StepInfo) -> None:
         if info.step in self.steps:
             self.visit(info.step)
+
+
+def evaluation(variant: Variant, evaluators: Evaluators, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> Evaluation:
+    """Scoring while training, with the toy evaluators: the recontextualization prompts against the held-out views
+    (as measure() scores subject fidelity on new backgrounds), and the plain class prompt for PRES."""
+    prompts = [variant.prompt(t) for t, _ in world.EVAL_PROMPTS if world.EVAL_PROMPT_KINDS[t] == "recontextualization"]
+    return Evaluation(evaluators, [image for image, _ in world.subject_views("heldout")], prompts, world.CLASS_PROMPT,
+                      seeds, sampler=SAMPLING["sampler"], guidance=SAMPLING["guidance"])
 
 
 def train_variant(variant: Variant, workdir: Path, base: Path = BASE, bundle: ModelBundle | None = None,
