@@ -27,7 +27,8 @@ class DreamBoothTrain(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
-                               tooltip="The base checkpoint (SD 1.x or 2.x, .safetensors)."),
+                               tooltip="The base checkpoint (SD 1.x, 2.x or SDXL, .safetensors); which of them it is "
+                                       "is read from the file."),
                 io.String.Input("identifier", default="", tooltip="The rare token, e.g. from Pick Rare Token."),
                 io.String.Input("class_noun", default="dog",
                                 tooltip="What the subject is: dog, backpack, man... Connect Pick Rare Token's "
@@ -43,9 +44,10 @@ class DreamBoothTrain(io.ComfyNode):
                                        "preservation off."),
                 io.Boolean.Input("train_text_encoder", default=False,
                                  tooltip="Also fine-tune the text encoder: better likeness, more memory."),
-                io.Int.Input("resolution", default=512, min=32, max=1024, step=32,
-                             tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x, 32 for the toy model. "
-                                     "SD models need a multiple of 64."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=32,
+                             tooltip="Training size in pixels; 0 = the model family's own: 512 for SD 1.x and 2.x, "
+                                     "1024 for SDXL; 32 for the toy model. SD 1.x/2.x need a multiple of 64, SDXL "
+                                     "of 32."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Photos per step."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS),
                                tooltip="(custom) adamw8bit uses least memory; auto = adamw8bit on CUDA."),

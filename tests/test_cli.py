@@ -114,3 +114,35 @@ def tiny_dino_folder(tmp_path_factory):
         "do_resize": True, "size": {"height": 32, "width": 32}, "do_normalize": True,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "image_processor_type": "ViTImageProcessor"}))
     return folder.parent
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory):
+    import torch
+
+    from tests.tiny import tiny_bundle
+    from trainer.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl.safetensors"
+    save_checkpoint(tiny_bundle("sdxl"), path, {}, dtype=torch.float32)
+    return path
+
+
+def test_sdxl_sample_and_priors_draw_at_the_models_own_size(sdxl_model, tmp_path):
+    import numpy as np
+
+    from trainer.models import load_model
+    from trainer.sampling import native_size, sample_images
+
+    bundle = load_model(sdxl_model)
+    size = native_size(bundle)  # 16 for the tiny SDXL (1024 for SDXL itself)
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model", str(sdxl_model), "--prompt", "a dog", "--count", "2", "--steps", "2",
+                 "--seed", "5", "--out", str(samples)]) == 0
+    pngs = sorted(samples.glob("*.png"))
+    expected = sample_images(bundle, ["a dog"] * 2, seeds=[5, 6], steps=2, width=size, height=size)
+    assert [np.asarray(Image.open(p)).tobytes() for p in pngs] == [np.asarray(e).tobytes() for e in expected]
+
+    assert main(["priors", "--model", str(sdxl_model), "--class-noun", "dog", "--count", "1", "--steps", "2",
+                 "--cache", str(tmp_path / "priors")]) == 0
+    assert [Image.open(p).size for p in (tmp_path / "priors").rglob("*.png")] == [(size, size)]

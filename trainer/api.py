@@ -38,7 +38,7 @@ def pick_identifiers(model: str, class_noun: str, *, count: int = 10, candidates
 
 def probe_identifiers(bundle: ModelBundle, class_noun: str, *, candidates: int, shortlist: int, seed: int,
                       device: torch.device, log: Log | None = None) -> list[RankedToken]:
-    """pick_identifiers on a loaded model, as a phase: its UNet and text encoder on the device in half precision
+    """pick_identifiers on a loaded model, as a phase: its UNet and text encoder(s) on the device in half precision
     where the GPU has it, for the probes, and given back afterwards."""
     pool = candidate_identifiers(bundle.tokenizer, count=candidates, seed=seed)
     advice = "Probe fewer candidates at a time (a smaller shortlist), or close other programs that use the GPU."
