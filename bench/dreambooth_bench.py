@@ -1,4 +1,6 @@
-"""Benchmark our training loop (trainer.loop.train) against diffusers' examples/dreambooth/train_dreambooth.py.
+"""Benchmark our training loop (trainer.loop.train) against diffusers' examples/dreambooth/train_dreambooth.py (SD 1.x /
+2.x) or, for SDXL, examples/text_to_image/train_text_to_image_sdxl.py (diffusers' full fine-tune of SDXL; it has no
+DreamBooth one).
 
 For each model family and each setting of the matrix, both implementations train the same randomly initialised model
 for N steps (batch 1 + 1 class image, prior preservation), each in a fresh subprocess measured from inside
@@ -32,7 +34,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.models import model_configs, random_bundle  # noqa: E402
-from bench.reference_script import reference_args, save_pipeline_folder  # noqa: E402
+from bench.reference_script import (SDXL_REFERENCE_BEST, reference_args, save_pipeline_folder,  # noqa: E402
+                                    save_sdxl_pipeline_folder, sdxl_reference_args, write_caption_folder)
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.presets import PRESETS, short_name  # noqa: E402
 
@@ -41,7 +44,8 @@ CAPPED = Path(__file__).resolve().parent / "capped.py"
 DEFAULT_REFERENCE_SCRIPT = os.environ.get("DREAMBOOTH_REFERENCE_SCRIPT", "")
 DEFAULT_REFERENCE_PYTHON = os.environ.get("DREAMBOOTH_REFERENCE_PYTHON", "python3")
 
-MODEL_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1"}
+MODEL_NAMES = {"sd1": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL"}
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 NUM_IMAGES = 3  # instance photos and class images each; every step uses one of each
 CLASS_IMAGE_BATCH = 4  # trainer.priors' default; the first batch is the class-image timing's warm-up
 LEARNING_RATE = 2e-6
@@ -66,7 +70,11 @@ ATOMS = {
     "bf16": Atom({"mixed_precision": "bf16"}, ("--mixed_precision", "bf16")),
     "adamw": Atom({"optimizer": "adamw"}, ()),
     "8bit": Atom({"optimizer": "adamw8bit"}, ("--use_8bit_adam",)),
+    "adafactor": Atom({"optimizer": "adafactor"}, None),  # (neither reference script offers it)
     "gc": Atom({"gradient_checkpointing": True}, ("--gradient_checkpointing",)),
+    # SDXL's reference (train_text_to_image_sdxl.py) at its best setting: bf16, 8-bit AdamW, checkpointing
+    "ref_best": Atom({"mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True},
+                     SDXL_REFERENCE_BEST),
     "te": Atom({"train_text_encoder": True}, ("--train_text_encoder",)),
     # The memory presets, resolved for the GPU at hand (trainer/presets.py); the reference has none.
     **{short_name(name): Atom({"memory_preset": name}, None) for name in PRESETS},
@@ -82,6 +90,13 @@ REFERENCE_FLAGS = {}
 # held against (bf16+8bit+gc for the small presets and ours vs the reference; bf16 for the 24 GB preset).
 DEFAULT_MATRIX = ("bf16+8bit+gc", "8GB", "8GB+te", "12GB", "24GB", "bf16")
 DEFAULT_CPU_MATRIX = ("fp32", "bf16", "fp32+gc", "fp32+te")  # no 8-bit AdamW or fp16 autocast on a CPU
+# SDXL at 1024 px: the presets of 12 GB (UNet; both text encoders, for 16 GB cards) and 24 GB, against the reference
+# at its best setting (ours at the same setting beside it).
+DEFAULT_SDXL_MATRIX = ("ref_best", "12GB", "12GB+te", "24GB")
+# --cap-presets: a preset's run is capped at what its card leaves (torch.cuda.set_per_process_memory_fraction).
+# For SDXL, "12GB+te" is the 16 GB card's run: the issue holds the text encoders' training to a 16 GB card.
+PRESET_CAPS = {"8GB": 7.6, "12GB": 11.6, "24GB": 23.6}
+SDXL_TE_CAP = 15.6
 
 
 @dataclass(frozen=True)
@@ -123,9 +138,20 @@ def parse_setting(name: str, atoms: dict[str, Atom] | None = None) -> Setting:
     return Setting(name, ours, None if reference is None else tuple(reference))
 
 
-def default_matrix(cuda: bool) -> list[str]:
+def default_matrix(cuda: bool, family: str = "sd1") -> list[str]:
     """The settings run when none are named; every other part (the TrainConfig booleans too) can be named."""
+    if family == "sdxl":
+        return list(DEFAULT_SDXL_MATRIX) if cuda else ["fp32", "fp32+gc", "adafactor+gc+fused_backward"]
     return list(DEFAULT_MATRIX if cuda else DEFAULT_CPU_MATRIX)
+
+
+def preset_cap(family: str, setting: Setting) -> float | None:
+    """The GiB a preset's run is capped at with --cap-presets (None: not a preset)."""
+    parts = setting.name.split("+")
+    cap = next((PRESET_CAPS[part] for part in parts if part in PRESET_CAPS), None)
+    if cap is not None and family == "sdxl" and "te" in parts and cap < SDXL_TE_CAP:
+        return SDXL_TE_CAP
+    return cap
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -145,17 +171,23 @@ def training_step_flops(family: str, small: bool, resolution: int, train_text_en
 
     configs, batch = model_configs(family, small), 2
     latent_side = resolution // 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    text_configs = [configs.text] + ([configs.text_2] if family == "sdxl" else [])
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs.unet)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs.text)).requires_grad_(train_text_encoder)
+        encoders = [CLIPTextModel(CLIPTextConfig(**c)).requires_grad_(train_text_encoder) for c in text_configs]
         latents = torch.randn(batch, unet.config.in_channels, latent_side, latent_side)
         timesteps = torch.zeros(batch, dtype=torch.long)
         ids = torch.zeros(batch, configs.text["max_position_embeddings"], dtype=torch.long)
-        cached_states = torch.randn(batch, ids.shape[1], configs.text["hidden_size"])
+        cached_states = torch.randn(batch, ids.shape[1], sum(c["hidden_size"] for c in text_configs))
+        extra = {}
+        if family == "sdxl":  # the pooled embedding and the six time ids (the pooled one's projection aside)
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}}
     unet.set_attn_processor(AttnProcessor2_0())  # what train() uses
     with FlopCounterMode(display=False) as counter:
-        states = text_encoder(ids)[0] if train_text_encoder else cached_states
-        unet(latents, timesteps, states).sample.float().square().mean().backward()
+        states = (torch.cat([e(ids, output_hidden_states=family == "sdxl")[0] for e in encoders], -1)
+                  if train_text_encoder else cached_states)
+        unet(latents, timesteps, states, **extra).sample.float().square().mean().backward()
     return counter.get_total_flops()
 
 
@@ -234,6 +266,7 @@ class Plan:
     peak_source: str
     class_images: int = 0  # > 0: also time class-image generation, ours vs StableDiffusionPipeline
     caps: tuple[float, ...] = ()  # GiB: also run the command line's whole run under each memory cap
+    cap_presets: bool = False  # run each preset of the matrix capped at its card's memory (PRESET_CAPS)
 
 
 @dataclass
@@ -281,7 +314,8 @@ def make_models(plan: Plan, family: str) -> Models:
     save_checkpoint(bundle, single_file, {}, dtype=torch.float16)
     diffusers_folder = None
     if plan.reference_script or plan.class_images:
-        diffusers_folder = save_pipeline_folder(bundle, folder / "diffusers")
+        save = save_sdxl_pipeline_folder if family == "sdxl" else save_pipeline_folder
+        diffusers_folder = save(bundle, folder / "diffusers")
     return Models(single_file, diffusers_folder)
 
 
@@ -317,7 +351,8 @@ def last_error_line(log: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_ours(plan: Plan, setting: Setting, images: Images, models: Models, run_dir: Path) -> Measurement:
+def run_ours(plan: Plan, setting: Setting, images: Images, models: Models, run_dir: Path,
+             cap_gib: float | None = None) -> Measurement:
     config = dict(base_model=str(models.single_file), instance_dir=str(images.instance),
                   class_dir=str(images.classes), identifier="zwx", class_noun="dog",
                   output=str(run_dir / "out" / "zwx-dog.safetensors"), num_class_images=NUM_IMAGES,
@@ -326,14 +361,21 @@ def run_ours(plan: Plan, setting: Setting, images: Images, models: Models, run_d
     config.update(setting.ours)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / "spec.json"
-    spec.write_text(json.dumps({"config": config}, indent=1))
+    spec.write_text(json.dumps({"config": config, "cap_gib": cap_gib}, indent=1))
     return run_probe(sys.executable, "ours", [str(spec)], run_dir, plan)
 
 
-def run_reference(plan: Plan, setting: Setting, images: Images, model_dir: Path, run_dir: Path) -> Measurement:
-    args = reference_args(model_dir, images.instance, images.classes, run_dir / "out", steps=plan.steps,
-                          learning_rate=LEARNING_RATE, train_text_encoder=False, resolution=plan.resolution,
-                          num_class_images=NUM_IMAGES)
+def run_reference(plan: Plan, setting: Setting, images: Images, model_dir: Path, run_dir: Path,
+                  family: str = "sd1") -> Measurement:
+    if family == "sdxl":  # the same images and captions, two a step as ours (a photo and a class image)
+        data = write_caption_folder(run_dir / "data", {"a zwx dog": sorted(images.instance.iterdir()),
+                                                       "a dog": sorted(images.classes.iterdir())})
+        args = sdxl_reference_args(model_dir, data, run_dir / "out", steps=plan.steps, learning_rate=LEARNING_RATE,
+                                   resolution=plan.resolution, batch_size=2)
+    else:
+        args = reference_args(model_dir, images.instance, images.classes, run_dir / "out", steps=plan.steps,
+                              learning_rate=LEARNING_RATE, train_text_encoder=False, resolution=plan.resolution,
+                              num_class_images=NUM_IMAGES)
     args += [*setting.reference, *plan.reference_extra_args]  # argparse: a repeated option's last value wins
     return run_probe(plan.reference_python, "reference", [plan.reference_script, "--", *args], run_dir, plan)
 
@@ -357,17 +399,20 @@ def run_matrix(plan: Plan) -> tuple[list[Row], list[Row], list[dict]]:
 def run_setting(plan: Plan, family: str, setting: Setting, images: Images, models: Models) -> Row:
     run_dir = plan.work_dir / "runs" / family / setting.name
     flops = training_step_flops(family, plan.small, plan.resolution, setting.ours.get("train_text_encoder", False))
-    progress(f"[{family} {setting.name}] ours")
-    ours = run_ours(plan, setting, images, models, run_dir / "ours")
+    cap = preset_cap(family, setting) if plan.cap_presets else None
+    progress(f"[{family} {setting.name}] ours" + (f", capped at {cap:g} GiB" if cap else ""))
+    ours = run_ours(plan, setting, images, models, run_dir / "ours", cap)
     report_progress(ours, plan)
     reference, note = None, ""
     if not plan.reference_script:
         note = "not run (--no-reference)"
     elif setting.reference is None:
         note = "the reference script has no flag for this setting"
+    elif family == "sdxl" and setting.ours.get("train_text_encoder"):
+        note = "train_text_to_image_sdxl.py trains the UNet only"
     else:
         progress(f"[{family} {setting.name}] reference")
-        reference = run_reference(plan, setting, images, models.diffusers_folder, run_dir / "reference")
+        reference = run_reference(plan, setting, images, models.diffusers_folder, run_dir / "reference", family)
         report_progress(reference, plan)
     return Row(family, setting, flops, ours, reference, note)
 
@@ -398,19 +443,22 @@ def run_whole(plan: Plan, family: str, cap: float, images: Images, models: Model
     and a preview, sample), each command in a process whose GPU memory is capped at `cap` GiB, with the memory
     preset for a card of that size; each phase's peak as the engine logs it."""
     preset = "8GB" if cap < 11 else "12GB" if cap < 20 else "24GB"
+    # SDXL: the text encoders are trained on the 16 GB card's run (the issue's budget for them), not on 12 GB's
+    text_encoder = ["--train-text-encoder"] if family != "sdxl" or cap >= SDXL_TE_CAP - 0.5 else []
     run_dir = plan.work_dir / "runs" / family / f"whole-{cap:g}GiB"
     out = run_dir / "out" / "zwx-dog.safetensors"
     model = str(models.single_file)
     commands = {
         "pick-token": ["pick-token", "--model", model, "--class-noun", "dog", "--count", "3"],
         "train": ["train", "--model", model, "--images", str(images.instance), "--identifier", "zwx",
-                  "--class-noun", "dog", "--output", str(out), "--memory-preset", preset, "--train-text-encoder",
+                  "--class-noun", "dog", "--output", str(out), "--memory-preset", preset, *text_encoder,
                   "--num-class-images", "8", "--prior-cache-dir", str(run_dir / "priors"), "--max-train-steps",
                   str(plan.steps), "--resolution", str(plan.resolution), "--sample-prompts", "a zwx dog on the beach"],
         "sample": ["sample", "--model", str(out), "--prompt", "a zwx dog on the beach", "--count", "2", "--size",
                    str(plan.resolution), "--out", str(run_dir / "samples")],
     }
-    result = {"family": family, "cap_gib": cap, "preset": preset, "phases": [], "errors": []}
+    result = {"family": family, "cap_gib": cap, "preset": preset, "text_encoder": bool(text_encoder), "phases": [],
+              "errors": []}
     for name, args in commands.items():
         progress(f"[{family} whole run, capped at {cap:g} GiB] {name}")
         command = [sys.executable, str(CAPPED), str(cap), "--", *args]
@@ -540,10 +588,12 @@ def class_images_table(rows: list[Row]) -> str:
 
 def whole_run_table(runs: list[dict]) -> str:
     budget = {8: 7.0, 12: 10.5}  # GiB reserved an 8 / 12 GB card leaves for one process (issue 10)
+    sdxl_budget = {12: 11.0, 16: 15.0}  # issue 12's budgets for SDXL on 12 and 16 GB cards
     lines = ["| model | cap GiB | preset | command | phase | s | alloc GiB | reserved GiB | within budget |",
              "|---|---:|---|---|---|---:|---:|---:|---|"]
     for run in runs:
-        limit = next((v for k, v in budget.items() if abs(run["cap_gib"] - k) < 1), run["cap_gib"])
+        budgets = sdxl_budget if run["family"] == "sdxl" else budget
+        limit = next((v for k, v in budgets.items() if abs(run["cap_gib"] - k) < 1), run["cap_gib"])
         for phase in run["phases"]:
             reserved = phase["reserved_gib"]
             ok = "n/a" if reserved is None else ("yes" if reserved <= limit else f"NO (> {limit})")
@@ -646,7 +696,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "StableDiffusionPipeline, and the command line's whole run under memory caps.",
         epilog=f"Setting parts (join with '+'): {', '.join(all_atoms())}. Default matrix on a GPU: "
                f"{' '.join(default_matrix(True))}; on a CPU: {' '.join(default_matrix(False))}.")
-    parser.add_argument("--family", choices=("sd1", "sd2", "both"), default="sd1")
+    parser.add_argument("--family", choices=("sd1", "sd2", "sdxl", "both"), default="sd1",
+                        help="sdxl: against diffusers' train_text_to_image_sdxl.py (give it as --reference-script), "
+                             "1024 px by default ('both': sd1 and sd2)")
+    parser.add_argument("--cap-presets", action="store_true",
+                        help="run each memory preset of the matrix with the process's GPU memory capped at what its "
+                             "card leaves (torch.cuda.set_per_process_memory_fraction): 8GB 7.6, 12GB 11.6, 24GB "
+                             f"23.6 GiB; for SDXL, a 12GB+te run at {SDXL_TE_CAP} (a 16 GB card)")
     parser.add_argument("--small", action="store_true", help="tiny models (bench/models.py) for a CPU")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (at least 1)")
@@ -678,17 +734,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.warmup < args.steps:
         parser.error(f"need 1 <= --warmup < --steps (got --warmup {args.warmup}, --steps {args.steps})")
     if args.whole_run == []:
-        args.whole_run = [7.6, 11.6]
+        args.whole_run = [11.6, SDXL_TE_CAP] if args.family == "sdxl" else [7.6, 11.6]
     if not args.no_reference:
         if not args.reference_script or not Path(args.reference_script).is_file():
             parser.error(f"--reference-script {args.reference_script!r} is not a file; give diffusers' "
-                         "train_dreambooth.py, or run with --no-reference")
+                         "train_dreambooth.py (train_text_to_image_sdxl.py for sdxl), or run with --no-reference")
         found = shutil.which(args.reference_python)
         if found is None:
             parser.error(f"--reference-python {args.reference_python!r} is neither a file nor a command on PATH; "
                          "give the Python that has torchvision, or run with --no-reference")
         args.reference_python = found
-    names = default_matrix(torch.cuda.is_available()) if args.settings is None else args.settings
+    names = default_matrix(torch.cuda.is_available(), args.family) if args.settings is None else args.settings
     try:
         args.setting_list = [parse_setting(name) for name in names]
     except ValueError as error:
@@ -701,11 +757,12 @@ def make_plan(args: argparse.Namespace, work_dir: Path) -> Plan:
     return Plan(
         families=["sd1", "sd2"] if args.family == "both" else [args.family],
         settings=args.setting_list, small=args.small, steps=args.steps, warmup=args.warmup,
-        resolution=args.resolution or (64 if args.small else 512), work_dir=work_dir,
+        resolution=args.resolution or (64 if args.small else NATIVE_RESOLUTION.get(args.family, 512)),
+        work_dir=work_dir,
         reference_script=None if args.no_reference else str(Path(args.reference_script).resolve()),
         reference_python=args.reference_python, reference_extra_args=shlex.split(args.reference_extra_args),
         threads=args.threads, timeout=args.timeout, peak_tflops=tflops, peak_source=source,
-        class_images=args.class_images, caps=tuple(args.whole_run or ()))
+        class_images=args.class_images, caps=tuple(args.whole_run or ()), cap_presets=args.cap_presets)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,15 @@
 # Results (markdown, JSON, the log) go to $OUT, or bench-gpu/ here. More arguments go to bench/dreambooth_bench.py
 # (on a CPU, to try the wiring: bash bench/gpu_check.sh --small --no-reference --steps 3 --warmup 1 --class-images 8).
 #
+# SDXL (issue 12), about 8 minutes on one H200:
+#   bash bench/gpu_check.sh sdxl PATH/TO/train_text_to_image_sdxl.py [more dreambooth_bench.py arguments]
+# a full-size random SDXL at 1024 px: the presets 12GB (capped at 11.6 GiB), 12GB+te (capped at 15.6: a 16 GB card)
+# and 24GB (23.6), and ours and diffusers' train_text_to_image_sdxl.py at its best setting (bf16, 8-bit AdamW,
+# checkpointing; batch 2: our photo and class image), 6 steps of which 2 warm-up; then the command line's whole run
+# capped at 11.6 (UNet) and 15.6 GiB (both text encoders trained). The script's path is an argument: it is never
+# committed (fetch diffusers' examples/text_to_image/train_text_to_image_sdxl.py); it needs `datasets`, which
+# bench/stand_ins/ stands in for where it is missing.
+#
 # Needs: a Python with torch (CUDA), torchvision, transformers, accelerate, diffusers and bitsandbytes; where diffusers
 # or bitsandbytes are missing, put their wheels in .whl/ (bench/README.md says how) and they are installed to
 # /tmp/site. The reference script: $DREAMBOOTH_REFERENCE_SCRIPT, else .whl/train_dreambooth.py (a copy of
@@ -24,11 +33,23 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 REFERENCE=${DREAMBOOTH_REFERENCE_SCRIPT:-.whl/train_dreambooth.py}
+FAMILY=sd1
+if [ "${1:-}" = "sdxl" ]; then
+    FAMILY=sdxl
+    REFERENCE=${2:?usage: bash bench/gpu_check.sh sdxl PATH/TO/train_text_to_image_sdxl.py [ARGS...]}
+    shift 2
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import torch, diffusers, bitsandbytes; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
 
+if [ "$FAMILY" = "sdxl" ]; then
+    "$PYTHON" bench/dreambooth_bench.py --family sdxl --steps 6 --warmup 2 --cap-presets --whole-run 11.6 15.6 \
+        --reference-script "$REFERENCE" --reference-python "$PYTHON" --timeout 400 \
+        --out "$OUT/bench-sdxl.md" --out "$OUT/bench-sdxl.json" "$@" 2>&1 | tee "$OUT/log-sdxl.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 "$PYTHON" bench/dreambooth_bench.py --family sd1 --steps 12 --warmup 4 --class-images 16 --whole-run 7.6 11.6 \
     --reference-script "$REFERENCE" --reference-python "$PYTHON" --timeout 300 \
     --out "$OUT/bench.md" --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/log.txt"

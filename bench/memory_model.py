@@ -87,8 +87,9 @@ class StorageTracker(TorchDispatchMode):
     out= ops) nor one that existed when the tracker started. It leaves the count when it is freed: the Python storage
     object lives exactly as long as the storage (PyTorch preserves it), so a weakref finalizer on it fires then."""
 
-    def __init__(self):
+    def __init__(self, shapes_only: bool = False):
         super().__init__()
+        self.shapes_only = shapes_only  # inside ShapesOnly: storages are meta (sizes without data), and counted
         self.live = 0
         self.peak = 0
         self._entries: dict[int, _Entry] = {}  # StorageImpl address (`_cdata`) -> entry, for live counted storages
@@ -194,7 +195,15 @@ class StorageTracker(TorchDispatchMode):
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        if self.shapes_only and _only_real_inputs(args, kwargs):
+            # host-side values (a scheduler's tables and step index, token ids, the photos' pixels) stay real: their
+            # results are the real ones, counted as usual
+            with torch.utils._python_dispatch._disable_current_modes():
+                out = func(*args, **(kwargs or {}))
+        elif self.shapes_only and func is torch.ops.aten._local_scalar_dense.default:
+            return _no_value(args[0].dtype)  # .item(), .tolist() of a fake tensor: no value to read
+        else:
+            out = func(*args, **(kwargs or {}))
         if self._paused:
             return out
         self._op = func._opname
@@ -205,6 +214,9 @@ class StorageTracker(TorchDispatchMode):
                 if storage is not None:
                     inputs[storage._cdata] = storage
         tag = self._tag
+        # torch.tensor(), from_numpy(): a real tensor's storage is made outside any op and lift_fresh returns it;
+        # a fake one's is new. Not counted either way (small host-made tables: schedulers', bitsandbytes' code).
+        lifted = self.shapes_only and func is torch.ops.aten.lift_fresh.default
         if func is torch.ops.aten._to_copy.default and inputs:
             source = self._entries.get(next(iter(inputs)))
             if source is not None and source.tag == "weights":
@@ -218,7 +230,7 @@ class StorageTracker(TorchDispatchMode):
                 if entry is not None:
                     if entry.nbytes != storage.nbytes():  # resized in place
                         self._resize(entry, storage.nbytes())
-                elif storage._cdata not in inputs and storage._cdata not in self._ignored:
+                elif storage._cdata not in inputs and storage._cdata not in self._ignored and not lifted:
                     self._add(storage, tag)
         return out
 
@@ -226,7 +238,7 @@ class StorageTracker(TorchDispatchMode):
 
     def _add(self, storage, tag: str) -> None:
         nbytes = storage.nbytes()
-        if nbytes == 0 or storage.device.type == "meta":
+        if nbytes == 0 or (storage.device.type == "meta" and not self.shapes_only):
             return
         with self._lock:
             self._entries[storage._cdata] = _Entry(nbytes, tag)
@@ -269,6 +281,19 @@ class StorageTracker(TorchDispatchMode):
     def _snapshot(self) -> None:
         self._peak_entries = list(self._entries.values())
         self._peak_pending = False
+
+
+def _only_real_inputs(args, kwargs) -> bool:
+    """Tensor inputs, none of them fake (an op with no tensor input, e.g. torch.randn, makes a fake tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    tensors = [arg for arg in tree_flatten((args, kwargs))[0] if isinstance(arg, torch.Tensor)]
+    return bool(tensors) and not any(isinstance(tensor, FakeTensor) for tensor in tensors)
+
+
+def _no_value(dtype: torch.dtype):
+    """What .item() reads from a tensor without data: False, or 1 (a step count; 0 would divide by zero in AdamW's
+    bias correction)."""
+    return False if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1
 
 
 def _phase(tag: str) -> str:
@@ -337,6 +362,96 @@ def cuda_defaults(enabled: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Shapes only: the same run on tensors that have sizes and no data (a full-size SDXL at 1024 px in seconds)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ShapesOnly:
+    """While inside, tensors are torch's FakeTensors: every op computes its result's size, dtype and strides (with the
+    op's meta kernel) and allocates nothing; each result has a (meta) storage of the bytes the real one would have,
+    created and freed at the same moments, since the same Python code holds the same references. So the tracker
+    counts the same storages as on real tensors, without the compute or the RAM; what differs is only what depends on
+    values: .item() and .tolist() read 1 or False (the loop's loss check, the token prober's scores). Checked against real runs
+    byte for byte (tests/test_memory_model.py).
+
+        with ShapesOnly() as shapes:
+            bundle = random_bundle("sdxl", small=False)
+        result = measure(bundle, ...)  # sees the bundle's tensors are fake, and runs in `shapes` itself
+
+    Module.to() converts fake parameters as it does real CPU ones: `param.data = converted` (torch's own code swaps
+    fake ones instead, which refuses a parameter that has hooks or other references, as a training run's have)."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "ShapesOnly":
+        self._stack.enter_context(self.mode)
+        self._stack.enter_context(as_for_real_tensors())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def as_for_real_tensors():
+    """While inside, fake tensors go where real ones go:
+    - Module._apply (behind .to(), .float(), ...) does for every tensor what torch does for real CPU tensors: the
+      parameter keeps its identity and gets the converted tensor as its .data, its gradient too; buffers are replaced
+      (a meta parameter made fake by to_empty() is replaced too);
+    - Tensor.numpy() gives zeros of the shape (a generated image comes out black, and is saved as a PNG)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    original, original_numpy = torch.nn.Module._apply, torch.Tensor.numpy
+
+    def numpy_(self, *, force=False):
+        if isinstance(self, FakeTensor):
+            with real_tensors():
+                return torch.zeros(self.shape, dtype=self.dtype).numpy()
+        return original_numpy(self, force=force)
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for module in self.children():
+                module._apply(fn)
+        for key, param in self._parameters.items():
+            if param is None:
+                continue
+            with torch.no_grad():
+                applied = fn(param)
+                if not torch._has_compatible_shallow_copy_type(param, applied):  # meta -> fake: a new parameter
+                    self._parameters[key] = torch.nn.Parameter(applied, requires_grad=param.requires_grad)
+                    continue
+                param.data = applied
+                if param.grad is not None:
+                    param.grad.data = fn(param.grad)
+        for key, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[key] = fn(buffer)
+        return self
+
+    torch.nn.Module._apply, torch.Tensor.numpy = _apply, numpy_
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply, torch.Tensor.numpy = original, original_numpy
+
+
+def fake_mode_of(bundle):
+    """The FakeTensorMode the bundle's tensors belong to, or None for real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    weight = next(bundle.unet.parameters())
+    return weight.fake_mode if isinstance(weight, FakeTensor) else None
+
+
+def real_tensors():
+    """Inside ShapesOnly: real tensors again while inside (the input images, made from real random bytes)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    return unset_fake_temporarily()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # One training run of our loop under the tracker
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -354,6 +469,11 @@ def optimizer_state_tensors(optimizer) -> list[torch.Tensor]:
     held = [value for value in vars(optimizer).values() if isinstance(value, torch.Tensor)]
     return held + [value for opt in optimizers_of(optimizer) for state in opt.state.values()
                    for value in state.values() if isinstance(value, torch.Tensor)]
+
+
+def trained_text_encoders(bundle) -> tuple:
+    """The text encoders train_text_encoder trains: all of them (SDXL's two)."""
+    return tuple(getattr(bundle, "text_encoders", None) or (bundle.text_encoder,))
 
 
 class PhaseMeter(Watcher):
@@ -430,14 +550,17 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
                          **({"resolution": resolution} if resolution else {})})
     generator = torch.Generator().manual_seed(0)
 
-    def images(prefix):  # tiny noise images: the loop resizes them to cfg.resolution before encoding
-        return [SubjectImage(f"{prefix}{i}.png", Image.frombytes(
-            "RGB", (64, 64), torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()))
-            for i in range(num_images)]
+    fake_mode = fake_mode_of(bundle)
 
-    trained = [bundle.unet] + ([bundle.text_encoder] if cfg.train_text_encoder else [])
+    def images(prefix):  # tiny noise images: the loop resizes them to cfg.resolution before encoding
+        with real_tensors() if fake_mode else contextlib.nullcontext():
+            return [SubjectImage(f"{prefix}{i}.png", Image.frombytes(
+                "RGB", (64, 64), torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy()))
+                for i in range(num_images)]
+
+    trained = [bundle.unet] + (list(trained_text_encoders(bundle)) if cfg.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters()]
-    tracker, found = StorageTracker(), {}
+    tracker, found = StorageTracker(shapes_only=fake_mode is not None), {}
     meter = PhaseMeter(tracker)
 
     def weights():
@@ -494,8 +617,14 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
     if autocast_cache:
         loop._autocast = lambda device, precision, cache_casts=True: autocast(device, precision)
     emulation = emulating_gpu(gpu_memory) if gpu_memory else contextlib.nullcontext()
+    to_host, save_output = loop.to_host, loop._save_output
+    if fake_mode is not None:
+        loop.to_host = lambda *values: [0.0] * len(values)  # the loss has no value to read (the loop checks it)
+        loop._save_output = lambda *args: None  # no bytes to write (a host-only phase: it counts nothing anyway)
     try:
-        with cuda_defaults(cuda_like), emulation, phases.watching(meter), tracker:
+        with cuda_defaults(cuda_like), emulation, fake_mode or contextlib.nullcontext(), \
+                as_for_real_tensors() if fake_mode else contextlib.nullcontext(), phases.watching(meter), \
+                tracker:
             if whole_run:
                 probe_identifiers(bundle, cfg.class_noun, candidates=4, shortlist=2, seed=0,
                                   device=torch.device("cpu"))
@@ -507,6 +636,7 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
         left_on_device = None
     finally:
         loop.make_optimizer, loop._autocast = make_optimizer, autocast
+        loop.to_host, loop._save_output = to_host, save_output
         for handle in handles:
             handle.remove()
     records = [record for record in records if "step" in record]
@@ -543,10 +673,12 @@ def run_one(args: argparse.Namespace, setting: str, resolution: int) -> dict:
     from bench.dreambooth_bench import parse_setting
     from bench.models import random_bundle
     gpu_memory = int(args.gpu_memory * GIB) if args.gpu_memory else None
-    result = measure(random_bundle(args.family, args.small), parse_setting(setting).ours, steps=args.steps,
+    with ShapesOnly() if args.shapes_only else contextlib.nullcontext():
+        bundle = random_bundle(args.family, args.small)
+    result = measure(bundle, parse_setting(setting).ours, steps=args.steps,
                      resolution=resolution, cuda_like=not args.cpu_defaults, autocast_cache=args.autocast_cache,
                      gpu_memory=gpu_memory, whole_run=args.whole_run, num_images=4 if args.whole_run else 2)
-    return {**result, "family": args.family, "small": args.small, "setting": setting}
+    return {**result, "family": args.family, "small": args.small, "shapes_only": args.shapes_only, "setting": setting}
 
 
 def phase_markdown(results: list[dict], unit: str = "GiB") -> str:
@@ -604,7 +736,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Settings are '+'-joined parts as in bench/dreambooth_bench.py (fp32, bf16, adamw, 8bit, gc, te, and "
                "every TrainConfig boolean by name, e.g. fused_backward); all start from fp32 + AdamW. "
                f"Default: {' '.join(default_settings())}.")
-    parser.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
+    parser.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    parser.add_argument("--shapes-only", action="store_true",
+                        help="tensors with sizes and no data (torch's FakeTensor): the same storages counted, in "
+                             "seconds and without the RAM (ShapesOnly; how the SDXL figures are made)")
     parser.add_argument("--small", action="store_true", help="the tiny models (bench/models.py), to try it out")
     parser.add_argument("--resolution", type=int, help="training size in px (default 512; 64 with --small)")
     parser.add_argument("--settings", nargs="+", help="settings to measure (default: see below)")
@@ -631,12 +766,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    resolution = args.resolution or (64 if args.small else 512)
+    resolution = args.resolution or (64 if args.small else 1024 if args.family == "sdxl" else 512)
     if args.one:
         print("RESULT " + json.dumps(run_one(args, args.one, resolution)), flush=True)
         return 0
     flags = [flag for flag, on in (("--small", args.small), ("--cpu-defaults", args.cpu_defaults),
-                                   ("--autocast-cache", args.autocast_cache), ("--whole-run", args.whole_run)) if on]
+                                   ("--autocast-cache", args.autocast_cache), ("--whole-run", args.whole_run),
+                                   ("--shapes-only", args.shapes_only)) if on]
     passed_on = ["--family", args.family, "--resolution", str(resolution), "--steps", str(args.steps), *flags,
                  *(["--threads", str(args.threads)] if args.threads else []),
                  *(["--gpu-memory", str(args.gpu_memory)] if args.gpu_memory else [])]
@@ -655,7 +791,8 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     unit = "MiB" if args.small else "GiB"
     policy = "the CPU's own autocast and AdamW choices" if args.cpu_defaults else "CUDA's autocast and AdamW choices"
-    table = (f"{'SD2.1' if args.family == 'sd2' else 'SD1.5'}{' (small)' if args.small else ''}, {resolution} px, "
+    title = {"sd1": "SD1.5", "sd2": "SD2.1", "sdxl": "SDXL"}[args.family]
+    table = (f"{title}{' (small)' if args.small else ''}{' (shapes only)' if args.shapes_only else ''}, {resolution} px, "
              f"batch 1 + 1 class image, {args.steps} steps, peak over all steps; {policy}"
              f"{', autocast cache on' if args.autocast_cache else ''}"
              f"{f', decided as on a {args.gpu_memory} GiB GPU with bf16' if args.gpu_memory else ''} "

@@ -74,6 +74,10 @@ def run_ours(spec: dict) -> dict:
     from trainer.loop import train
 
     cfg = TrainConfig(**spec["config"])
+    cap = spec.get("cap_gib")
+    if cap and torch.cuda.is_available():  # as on a card of that size (bench/capped.py)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2 ** 30 / total))
     clock = StepClock(cfg.max_train_steps)
 
     class Timed(Callbacks):
@@ -145,13 +149,21 @@ def run_reference(script: str, script_args: list[str]) -> dict:
         clock.step_done()
 
     accelerate.Accelerator.log = timed_log
+    datasets = "none needed"
+    if "from datasets import" in Path(script).read_text():  # train_text_to_image_sdxl.py
+        try:
+            import datasets as found
+            datasets = found.__version__
+        except ImportError:  # the lent GPU has no `datasets`: rows on the host only (bench/stand_ins/README.md)
+            sys.path.insert(0, str(REPO_ROOT / "bench" / "stand_ins"))
+            datasets = "stand-in"
     namespace = runpy.run_path(script, run_name="reference_train_dreambooth")  # defines, does not train
     sys.argv = [script, *script_args]
     try:
         namespace["main"](namespace["parse_args"](script_args))
     except StopAfterLastStep:
         pass
-    return clock.result()
+    return {**clock.result(), "datasets": datasets}
 
 
 def main(argv: list[str]) -> None:

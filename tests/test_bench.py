@@ -124,3 +124,77 @@ def test_reference_python_may_be_a_command_name(tmp_path):
     assert Path(args.reference_python).is_file() and Path(args.reference_python).name.startswith("python")
     with pytest.raises(SystemExit):
         bench.parse_args(["--reference-script", str(script), "--reference-python", "no-such-python-here"])
+
+
+# --- SDXL: against diffusers' train_text_to_image_sdxl.py ------------------------------------------------------------
+
+
+def test_sdxl_settings_caps_and_the_references_command_line(tmp_path):
+    best = bench.parse_setting("ref_best")
+    assert best.ours == {"mixed_precision": "bf16", "optimizer": "adamw8bit", "gradient_checkpointing": True}
+    assert best.reference == ("--mixed_precision", "bf16", "--use_8bit_adam", "--gradient_checkpointing")
+    for name in bench.default_matrix(cuda=True, family="sdxl") + bench.default_matrix(cuda=False, family="sdxl"):
+        assert bench.parse_setting(name).name == name
+    caps = {name: bench.preset_cap("sdxl", bench.parse_setting(name)) for name in ("12GB", "12GB+te", "24GB", "fp32")}
+    assert caps == {"12GB": 11.6, "12GB+te": 15.6, "24GB": 23.6, "fp32": None}
+    assert bench.preset_cap("sd1", bench.parse_setting("8GB+te")) == 7.6
+    args = bench.sdxl_reference_args("model", "data", "out", steps=6, learning_rate=2e-6, resolution=1024)
+    assert args[args.index("--train_batch_size") + 1] == "2" and "--center_crop" in args
+    assert bench.parse_args(["--family", "sdxl", "--no-reference"]).whole_run is None
+    plan = bench.make_plan(bench.parse_args(["--family", "sdxl", "--no-reference", "--whole-run"]), tmp_path)
+    assert plan.resolution == 1024 and plan.caps == (11.6, 15.6)
+
+
+def test_sdxl_flops_count_both_text_encoders_when_trained():
+    frozen = bench.training_step_flops("sdxl", True, 64, False)
+    trained = bench.training_step_flops("sdxl", True, 64, True)
+    assert trained > frozen > 0
+
+
+def test_the_datasets_stand_in_feeds_the_sdxl_script_as_datasets_would(tmp_path, monkeypatch):
+    """What train_text_to_image_sdxl.py does with `datasets`, step by step, on the stand-in."""
+    from PIL import Image
+
+    from bench.reference_script import write_caption_folder
+    monkeypatch.syspath_prepend(str(Path(bench.__file__).parent / "stand_ins"))
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    import datasets
+    from datasets import concatenate_datasets, load_dataset
+    from datasets.fingerprint import Hasher
+    assert datasets.__version__ == "stand-in"
+    datasets.utils.logging.set_verbosity_warning()
+    photos = []
+    for i, size in enumerate((40, 48, 56)):
+        photos.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (size, 32)).save(photos[-1])
+    folder = write_caption_folder(tmp_path / "data", {"a zwx dog": photos[:2], "a dog": photos[2:]})
+    dataset = load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, cache_dir=None)
+    assert dataset["train"].column_names == ["image", "text"] and len(dataset["train"]) == 3
+
+    def preprocess(examples):  # as the script's preprocess_train: adds columns to the batch it is given
+        examples["original_sizes"] = [(im.height, im.width) for im in examples["image"]]
+        examples["pixel_values"] = [torch.full((3, 4, 4), float(im.width)) for im in examples["image"]]
+        return examples
+
+    train = dataset["train"].with_transform(preprocess)
+    seen = []
+
+    def embed(batch):
+        seen.append(len(batch["text"]))
+        return {"prompt_embeds": [torch.tensor([len(text)]) for text in batch["text"]]}
+
+    def encode(batch):
+        pixels = torch.stack(list(batch.pop("pixel_values")))
+        return {"model_input": pixels[:, :1] * 2}
+
+    with_embeddings = train.map(embed, batched=True, new_fingerprint=Hasher.hash("a"))
+    with_latents = train.map(encode, batched=True, batch_size=2, new_fingerprint=Hasher.hash("b"))
+    assert seen == [3]  # one batch of all rows (datasets' default batch_size 1000)
+    assert with_latents.column_names == ["image", "text", "model_input"]  # what the function returned is added
+    precomputed = concatenate_datasets([with_embeddings, with_latents.remove_columns(["image", "text"])], axis=1)
+    precomputed = precomputed.with_transform(preprocess)
+    row = precomputed[2]
+    assert row["text"] == "a dog" and row["original_sizes"] == (32, 56)
+    assert row["prompt_embeds"].tolist() == [5] and row["model_input"][0, 0, 0].item() == 112.0
+    loader = torch.utils.data.DataLoader(precomputed, batch_size=2, collate_fn=lambda rows: rows)
+    assert [len(batch) for batch in loader] == [2, 1]

@@ -34,3 +34,59 @@ def test_every_phase_of_the_8gb_preset_fits_an_8gb_card():
     assert result["left_on_device"] == 0
     # the training step itself is where the H200 measured it (4.70 GiB allocated, issue 10): within 10%
     assert 0.9 * 4.70 * GIB <= result["peak"] <= 1.1 * 4.70 * GIB, report
+
+
+# --- SDXL at 1024 px: the 12 GB preset on a 12 GB card (the UNet trained) and on a 16 GB card (both text encoders) ---
+# The same whole run on a full-size SDXL (2.57 B-parameter UNet), in ShapesOnly: tensors with sizes and no data, so
+# that it takes minutes and little RAM where real tensors would take hours and more RAM than CI has; it counts what
+# the real tracker counts (tests/test_memory_model.py, and full-size SD 1.5 reproduces the table above to 0.01 GiB).
+# Issue 12's budgets, reserved: 11.0 GiB on a 12 GB card, 15.0 on a 16 GB card. Needs SDXL sampling in the loop's
+# class-image and preview phases. About 2-3 minutes a run on 2 cores.
+SDXL_RUNS = {"12GB": (11.6, 11.0), "12GB+te": (15.6, 15.0)}  # setting -> (the card's GiB, the budget in GiB)
+_sdxl_results: dict[str, dict] = {}
+
+
+def sdxl_whole_run(setting: str) -> dict:
+    if setting not in _sdxl_results:
+        torch.set_num_threads(2)
+        with memory_model.ShapesOnly():
+            bundle = random_bundle("sdxl", small=False)
+        card, _ = SDXL_RUNS[setting]
+        _sdxl_results[setting] = memory_model.measure(bundle, parse_setting(setting).ours, steps=2,
+                                                      gpu_memory=int(card * GIB), whole_run=True, num_images=4)
+    return _sdxl_results[setting]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(SDXL_RUNS))
+def test_every_phase_of_an_sdxl_run_but_the_previews_fits_the_card(setting):
+    result = sdxl_whole_run(setting)
+    budget = SDXL_RUNS[setting][1] * GIB
+    phases = {phase["phase"]: phase for phase in result["phases"]}
+    assert list(phases) == ["token probing", "class images", "photo encoding", "training", "previews", "saving"]
+    report = memory_model.phase_markdown([{**result, "setting": setting}])
+    for name in ("token probing", "class images", "photo encoding", "saving"):
+        assert memory_model.estimated_reserved(phases[name]["peak"]) <= budget, f"{name} is over budget:\n{report}"
+    # the training steps themselves (the training phase's peak is its previews', nested in it)
+    assert memory_model.estimated_reserved(result["peak"]) <= budget, f"a training step is over budget:\n{report}"
+    for name in ("token probing", "class images", "photo encoding", "training", "saving"):
+        assert phases[name]["live_at_start"] < 0.05 * GIB, f"{name} found the device in use:\n{report}"
+    assert result["left_on_device"] == 0
+    # what the levers promise: bf16 weights (2 bytes a parameter) and Adafactor's factored moments, no gradients
+    # between steps, and the trained encoders' weights in bf16 too
+    start = result["steps"][-1]["start_breakdown"]
+    assert abs(start["weights"] - 2 * result["trained_params"]) < 2 ** 20 and start["grads"] == 0
+    assert start["optimizer state"] < 0.5 * start["weights"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [
+    pytest.param("12GB", marks=pytest.mark.xfail(strict=True, reason=(
+        "previews at 1024 px beside the trained UNet: 10.91 GiB allocated, est. 12.10 reserved, measured "
+        "2026-11-30; 3.0 GiB of it is the SDXL VAE decoding in fp32 (force_upcast), see the README"))),
+    "12GB+te"])
+def test_sdxl_previews_fit_the_card(setting):
+    result = sdxl_whole_run(setting)
+    previews = next(phase for phase in result["phases"] if phase["phase"] == "previews")
+    report = memory_model.phase_markdown([{**result, "setting": setting}])
+    assert memory_model.estimated_reserved(previews["peak"]) <= SDXL_RUNS[setting][1] * GIB, report

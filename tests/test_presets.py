@@ -1,5 +1,6 @@
 """Memory presets: every preset is a valid configuration on GPUs with and without bf16, "auto" picks by the card's
 memory, and train() applies them, logs what they chose and trains with those levers."""
+import dataclasses
 import types
 
 import pytest
@@ -116,3 +117,49 @@ def test_out_of_memory_names_the_preset_to_choose(images, tmp_path, preset, advi
     message = str(raised.value)
     assert "in the training phase, asking for 20.00 MiB more" in message and "resolution 32, batch size 1" in message
     assert "No training state was saved yet" in message
+
+
+# --- SDXL: presets of its own, chosen by measurement at 1024 px (tests/test_memory_budget.py holds them) ------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_every_sdxl_preset_is_a_valid_configuration(name, has_bf16):
+    cfg = apply_preset(TrainConfig(**USER, train_text_encoder=True), name, has_bf16, family="sdxl")
+    cfg.validate()
+    assert cfg.memory_preset == name and cfg.train_text_encoder and cfg.gradient_checkpointing  # 16 GiB without it
+    assert cfg.fused_backward  # the UNet's whole gradients (4.8 GiB in bf16, 9.6 in fp32) never exist
+
+
+def test_sdxl_fits_12_and_16_gb_with_bf16_weights_and_adafactor_and_24_gb_with_fp32_weights_and_8bit_adamw():
+    lean = apply_preset(TrainConfig(**USER), "12 GB", has_bf16=True, family="sdxl")
+    assert (lean.optimizer, lean.bf16_weights, lean.mixed_precision) == ("adafactor", True, "bf16")
+    smallest = apply_preset(TrainConfig(**USER), "8 GB", has_bf16=True, family="sdxl")
+    assert dataclasses.replace(smallest, memory_preset="12 GB") == lean  # there is no leaner one for SDXL
+    fast = apply_preset(TrainConfig(**USER), "24 GB+", has_bf16=True, family="sdxl")
+    assert (fast.optimizer, fast.bf16_weights, fast.mixed_precision) == ("adamw8bit", False, "bf16")
+    without = apply_preset(TrainConfig(**USER), "12 GB", has_bf16=False, family="sdxl")
+    assert (without.optimizer, without.bf16_weights, without.mixed_precision) == ("adafactor", False, "no")
+
+
+@pytest.mark.parametrize("family", [None, "sd1", "sd2"])
+def test_sd1_and_sd2_keep_their_presets(family):
+    for name, (with_bf16, without_bf16) in PRESETS.items():
+        for has_bf16, levers in ((True, with_bf16), (False, without_bf16)):
+            cfg = apply_preset(TrainConfig(**USER), name, has_bf16, family=family)
+            assert {key: getattr(cfg, key) for key in levers} == levers
+    assert apply_preset(TrainConfig(**USER), "12 GB", True, family="sd1").optimizer == "adamw8bit"
+
+
+def test_the_run_takes_the_familys_levers_and_says_so():
+    from trainer.families import SD1, SDXL
+    lines = []
+    with trainer.device.emulating_gpu(int(11.6 * GIB)):
+        cfg = trainer.device.with_memory_preset(TrainConfig(**USER, memory_preset="auto", resolution=1024),
+                                                torch.device("cpu"), lines.append, SDXL)
+        assert cfg.memory_preset == "12 GB" and cfg.optimizer == "adafactor" and cfg.bf16_weights
+        assert "Training SDXL at 1024 px; memory preset 'auto'" in lines[-1]
+        assert "12 GB; precision bf16, optimizer adafactor" in lines[-1]
+        cfg = trainer.device.with_memory_preset(TrainConfig(**USER, memory_preset="auto"), torch.device("cpu"),
+                                                lines.append, SD1)
+        assert cfg.optimizer == "adamw8bit" and "12 GB; precision bf16, optimizer adamw8bit" in lines[-1]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from .prompts import class_prompt, instance_prompt
 
-OPTIMIZERS = ("auto", "adamw8bit", "adamw")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw", "adafactor")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 ATTENTIONS = ("auto", "sdpa", "xformers")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -54,7 +54,7 @@ class TrainConfig:
     lr_scheduler: str = _setting("constant", "Learning-rate schedule: constant, constant_with_warmup, linear or cosine.")
     lr_warmup_steps: int = _setting(0, "Steps of linear warm-up at the start.")
     train_text_encoder: bool = _setting(False, "Fine-tune the text encoder too (better likeness, more memory).")
-    optimizer: str = _setting("auto", "adamw8bit (bitsandbytes, least memory), adamw, or auto (8-bit on CUDA, plain elsewhere).")
+    optimizer: str = _setting("auto", "adamw8bit (bitsandbytes: 2 bytes a parameter of state), adamw (8 bytes), adafactor (transformers' Adafactor at the given learning rate, no first moment: a few bytes a row and column of each matrix, least memory; what fits SDXL on 12 GB), or auto (8-bit on CUDA, plain elsewhere).")
     adam_beta1: float = _setting(0.9, "AdamW beta1.")
     adam_beta2: float = _setting(0.999, "AdamW beta2.")
     adam_weight_decay: float = _setting(1e-2, "AdamW weight decay.")

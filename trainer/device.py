@@ -84,14 +84,14 @@ def training_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | 
 
 
 def with_memory_preset(cfg: TrainConfig, device: torch.device, log, family: Family) -> TrainConfig:
-    """`cfg` with its memory preset's levers for this device (trainer/presets.py), and a log line saying which, for
-    which model family."""
+    """`cfg` with its memory preset's levers for this device and model family (trainer/presets.py: SDXL has levers of
+    its own), and a log line saying which, for which model family."""
     if cfg.memory_preset == "custom":
         log(f"Training {family.title} at {cfg.resolution} px on {describe(device)}; memory preset 'custom': "
             f"{describe_levers(cfg)}")
         return cfg
     resolved = apply_preset(cfg, cfg.memory_preset, has_bf16=has_native_bf16(device),
-                            total_memory=total_memory(device))
+                            total_memory=total_memory(device), family=family.name)
     chosen = resolved.memory_preset if resolved is not cfg else "none: the settings as given"
     log(f"Training {family.title} at {cfg.resolution} px; memory preset {cfg.memory_preset!r} on {describe(device)}: "
         f"{chosen}; {describe_levers(resolved)}")

@@ -5,6 +5,10 @@ Each preset is the fastest bundle that fits a card of its size. bf16_weights nee
 RTX 20xx, T4, V100) each preset falls back to fp16 compute without either, except "8 GB", which computes in fp32 to
 keep fused_backward (without it, fp32 weights and all their gradients would not fit).
 "auto" picks the preset from the card's memory; "custom" leaves the individual settings as given.
+
+The levers depend on the model family where its size demands it: SDXL's UNet has 2.6 B parameters (SD 1.5's 0.86 B),
+so its presets are their own (XL_PRESETS), chosen by measurement at 1024 px (bench/memory_model.py --family sdxl,
+tests/test_memory_budget.py). Families without presets of their own (SD 1.x, SD 2.x) use PRESETS.
 No torch here: the ComfyUI node reads PRESET_NAMES when it registers.
 """
 from __future__ import annotations
@@ -29,6 +33,25 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     # Fastest: no recomputation, full-precision moments, the ordinary (multi-tensor) optimizer step.
     "24 GB+": (dict(_FAST, mixed_precision="bf16"), dict(_FAST, mixed_precision="fp16")),
 }
+
+# SDXL at 1024 px (figures: README's memory table, bench/memory_model.py --family sdxl --shapes-only). Its fp32 weights
+# alone are 9.6 GiB and 8-bit AdamW's moments 4.8 GiB more, so on 12 and 16 GB cards the weights are bf16 (stochastic
+# rounding) and the optimizer is Adafactor without a first moment (0.91 GiB of state for the UNet, 0.006 for both text
+# encoders). Gradient checkpointing everywhere: without it one step's activations at 1024 px are 16 GiB. The fastest
+# that fits 24 GB keeps fp32 weights (no rounding kernels) and 8-bit AdamW (one kernel a tensor), stepped in the
+# backward pass (the UNet's fp32 gradients would be 9.6 GiB more). Without bf16 (fp32 compute, fused; fp16 could not be
+# fused) the fp32 weights do not fit 12 GB: the leanest there is on such cards.
+_XL_LEAN = dict(gradient_checkpointing=True, optimizer="adafactor", fused_backward=True)
+_XL_FAST = dict(gradient_checkpointing=True, optimizer="adamw8bit", fused_backward=True, bf16_weights=False)
+XL_PRESETS: dict[str, tuple[dict, dict]] = {
+    # SDXL has no 8 GB preset of its own (its bf16 weights are 6.4 GiB): "8 GB" means the leanest, as "12 GB".
+    "8 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
+             dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
+    "12 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
+              dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
+    "24 GB+": (dict(_XL_FAST, mixed_precision="bf16"), dict(_XL_FAST, mixed_precision="no")),
+}
+FAMILY_PRESETS = {"sdxl": XL_PRESETS}
 PRESET_NAMES = ("auto", "custom", *PRESETS)
 GIB = 2 ** 30
 
@@ -40,9 +63,15 @@ def preset_for_memory(total_bytes: int) -> str:
     return "12 GB" if total_bytes >= 11 * GIB else "8 GB"
 
 
-def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int | None = None) -> TrainConfig:
-    """`cfg` with the levers of preset `name` for a device with (or without) native bf16 and `total_memory` bytes
-    (None: not a GPU, where "auto" keeps the settings as given)."""
+def presets_for(family: str | None) -> dict[str, tuple[dict, dict]]:
+    """The presets' levers for a model family ("sd1", "sd2", "sdxl"; None: SD 1.x / 2.x)."""
+    return FAMILY_PRESETS.get(family or "", PRESETS)
+
+
+def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int | None = None,
+                 family: str | None = None) -> TrainConfig:
+    """`cfg` with the levers of preset `name` for a model of `family` on a device with (or without) native bf16 and
+    `total_memory` bytes (None: not a GPU, where "auto" keeps the settings as given)."""
     name = _canonical(name)
     if name == "auto":
         if total_memory is None:
@@ -50,7 +79,7 @@ def apply_preset(cfg: TrainConfig, name: str, has_bf16: bool, total_memory: int 
         name = preset_for_memory(total_memory)
     if name == "custom":
         return cfg
-    with_bf16, without_bf16 = PRESETS[name]
+    with_bf16, without_bf16 = presets_for(family)[name]
     return dataclasses.replace(cfg, memory_preset=name, **(with_bf16 if has_bf16 else without_bf16))
 
 

@@ -1,0 +1,7 @@
+import hashlib
+
+
+class Hasher:
+    @staticmethod
+    def hash(value) -> str:
+        return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
