@@ -182,7 +182,9 @@ def _train(args) -> int:
         if not args.evaluation_models:
             raise ConfigError("--evaluate-every needs --evaluation-models PATH: a folder with a DINO ViT-S/16 (as the "
                               "paper) and/or a CLIP model; see the README, Measuring the result")
-        evaluation = evaluation_with_models(cfg.validate(), args.evaluation_models, home="the --evaluation-models folder")
+        from .dataset import load_image_folder
+        photos = [item.image for item in load_image_folder(cfg.validate().instance_dir)]
+        evaluation = evaluation_with_models(cfg, photos, args.evaluation_models, home="the --evaluation-models folder")
     printer = _ConsolePrinter()
     signal.signal(signal.SIGINT, printer.request_stop)
     try:

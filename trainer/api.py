@@ -13,7 +13,6 @@ import torch
 
 from .bundle import ModelBundle
 from .config import TrainConfig
-from .dataset import load_image_folder
 from .device import inference_dtype, resolve_device
 from .evaluation import Evaluation
 from .measure import EmbeddingScorer, load_embedders
@@ -75,12 +74,11 @@ def sample(model: str, prompts: list[str], *, seeds: list[int], size: int | None
 
 
 
-def evaluation_with_models(cfg: TrainConfig, model_sources: list[str], home: str) -> Evaluation:
+def evaluation_with_models(cfg: TrainConfig, photos: list, model_sources: list[str], home: str) -> Evaluation:
     """Training-time evaluation (cfg.evaluate_every) scored with the embedding models found in `model_sources`:
     DINO (subject fidelity and PRES, as the paper), else CLIP-I (subject fidelity only; without PRES no step is ruled
-    out for drift). The subject's photos are the reference. Raises ValueError (EmbedderError) naming what to put
-    where when there is no model."""
+    out for drift), against the subject's `photos` (PIL). Raises ValueError (EmbedderError) naming what to put where
+    when there is no model."""
     scorer = EmbeddingScorer(load_embedders(model_sources, home=home))
-    photos = [item.image for item in load_image_folder(cfg.instance_dir)]
     return Evaluation.in_contexts(scorer, photos, f"{cfg.identifier} {cfg.class_noun}", cfg.class_prompt,
                                   cfg.evaluation_prompts)

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..callbacks import Callbacks
 from ..bundle import ModelBundle
+from ..evaluation import BestStep
 from ..loop import train
 from ..models import load_model
 from ..plots import evaluation_curve
@@ -85,7 +86,7 @@ def run(out: Path, callbacks: Callbacks | None = None, log=print, variant: ex.Va
     for scores in result.evaluations:
         log(f"  step {scores.step:>4}: subject fidelity {scores.subject_fidelity:+.3f}, PRES {scores.pres:+.3f}")
     trained = load_model(result.output)  # the saved step: the best evaluated one
-    pres_limit = result.evaluations[0].pres + cfg.max_pres_rise
+    pres_limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
     evaluation_curve(result.evaluations, result.saved_step, pres_limit).save(out / "evaluation.png")
     log(f"Saved step {result.saved_step} of {result.steps}, the best evaluated (curve: {out / 'evaluation.png'})")
     after_scores, after = ex.measure(trained, evaluators, variant, SEEDS, with_common_word=False)
