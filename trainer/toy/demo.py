@@ -2,8 +2,9 @@
 
     python -m trainer demo --out toy_demo
 
-writes toy_demo/photos/ (the 5 training photos), toy_demo/toy-subject.safetensors (the trained model) and
-toy_demo/before_after.png: the same prompts and seeds drawn by the base model and by the trained one.
+writes toy_demo/photos/ (the 5 training photos), toy_demo/toy-subject.safetensors (the trained model: its best
+evaluated step), toy_demo/evaluation.png (the scores of each evaluated step) and toy_demo/before_after.png: the same
+prompts and seeds drawn by the base model and by the trained one.
 """
 from __future__ import annotations
 
