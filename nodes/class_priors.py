@@ -23,9 +23,9 @@ class GenerateClassPriors(io.ComfyNode):
                                 tooltip="The prompt is 'a [class noun]'. Connect Pick Rare Token's class_noun to type "
                                         "it once."),
                 io.Int.Input("count", default=200, min=1, max=5000, tooltip="How many images (the paper: a few hundred)."),
-                io.Int.Input("size", default=512, min=32, max=2048, step=32,
-                             tooltip="Width and height; use the training resolution (512 for SD 1.x, 32 for the toy "
-                                     "model)."),
+                io.Int.Input("size", default=0, min=0, max=2048, step=32,
+                             tooltip="Width and height in pixels; 0 = the model's own size (512 for SD 1.x, 1024 for "
+                                     "SDXL, 32 for the toy model). Use the training resolution."),
                 io.Int.Input("steps", default=30, min=1, max=200, tooltip="Sampling steps per image."),
                 io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.5,
                                tooltip="Classifier-free guidance."),

@@ -97,6 +97,11 @@ class ComfyCallbacks(Callbacks):
         if images:
             self.update_bar(self.bar.current, self.bar.total, ("JPEG", images[0], 512))
 
+    def on_evaluation(self, scores, best) -> None:
+        pres = "not measured (needs a DINO model)" if scores.pres is None else f"{scores.pres:.3f}"
+        chosen = f"best so far: step {best.best.step}" if best.best else "the base model's baseline"
+        self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {pres} ({chosen})")
+
     def log(self, message: str) -> None:
         message = node_message(message, self.renames)
         log(message)

@@ -43,9 +43,10 @@ def load_checkpoint(path: str) -> tuple:
         return model, clip, vae
     if unet_config is None or meta.CONFIGS["unet"] not in header or \
             header.get(meta.ARCHITECTURE) != "stable-diffusion-v1":
-        raise ValueError(f"ComfyUI does not recognise the model in {path}, and it is not a small SD 1.x model trained "
-                         "by this pack. Choose an SD 1.x or 2.x checkpoint.")
-    configs = {part: json.loads(header[key]) for part, key in meta.CONFIGS.items()}
+        raise ValueError(f"ComfyUI does not recognise the model in {path} (it knows SD 1.x, 2.x and SDXL at their "
+                         "full sizes), and it is not a small SD 1.x model trained by this pack. Choose an SD 1.x, 2.x "
+                         "or SDXL checkpoint.")
+    configs = {part: json.loads(header[key]) for part, key in meta.CONFIGS.items() if key in header}  # (no text_2)
     model_config = _sd1_config(unet_config, configs)
     return (_model(state, prefix, model_config), _clip(state, model_config, configs["text"], embeddings),
             _vae(path))

@@ -12,8 +12,8 @@ class EmptyLatentForVAE(io.ComfyNode):
             node_id="DBStudioEmptyLatent",
             display_name="Empty Latent for VAE",
             category=CATEGORY,
-            description="Empty Latent Image sized by the VAE that will decode it: for SD 1.x/2.x the same as Empty "
-                        "Latent Image, for the pack's toy model (whose VAE scales by 4) the right size too.",
+            description="Empty Latent Image sized by the VAE that will decode it: for SD 1.x/2.x and SDXL the same as "
+                        "Empty Latent Image, for the pack's toy model (whose VAE scales by 4) the right size too.",
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE that will decode the images (e.g. from Load Subject Model)."),
                 io.Int.Input("width", default=512, min=8, max=8192, step=8, tooltip="Image width in pixels."),

@@ -17,7 +17,7 @@ class PickRareToken(io.ComfyNode):
                         "(a weak prior is what the subject can take over). Never 'sks'.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
-                               tooltip="The base checkpoint you will train (SD 1.x or 2.x)."),
+                               tooltip="The base checkpoint you will train (SD 1.x, 2.x or SDXL)."),
                 io.String.Input("class_noun", default="dog", tooltip="What the subject is: dog, backpack, man..."),
                 io.Int.Input("candidates", default=8, min=1, max=50,
                              tooltip="How many ranked identifiers to show on the node."),

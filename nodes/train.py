@@ -27,7 +27,8 @@ class DreamBoothTrain(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Combo.Input("ckpt_name", options=comfy_hooks.checkpoint_names(),
-                               tooltip="The base checkpoint (SD 1.x or 2.x, .safetensors)."),
+                               tooltip="The base checkpoint (SD 1.x, 2.x or SDXL, .safetensors); which of them it is "
+                                       "is read from the file."),
                 io.String.Input("identifier", default="", tooltip="The rare token, e.g. from Pick Rare Token."),
                 io.String.Input("class_noun", default="dog",
                                 tooltip="What the subject is: dog, backpack, man... Connect Pick Rare Token's "
@@ -43,9 +44,10 @@ class DreamBoothTrain(io.ComfyNode):
                                        "preservation off."),
                 io.Boolean.Input("train_text_encoder", default=False,
                                  tooltip="Also fine-tune the text encoder: better likeness, more memory."),
-                io.Int.Input("resolution", default=512, min=32, max=1024, step=32,
-                             tooltip="Training size; 512 for SD 1.x, 512 or 768 for SD 2.x, 32 for the toy model. "
-                                     "SD models need a multiple of 64."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=32,
+                             tooltip="Training size in pixels; 0 = the model family's own: 512 for SD 1.x and 2.x, "
+                                     "1024 for SDXL; 32 for the toy model. SD 1.x/2.x need a multiple of 64, SDXL "
+                                     "of 32."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Photos per step."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS),
                                tooltip="(custom) adamw8bit uses least memory; auto = adamw8bit on CUDA."),
@@ -85,6 +87,14 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace a file of this output_name that was trained from other settings or "
                                          "photos. Off: such a file is never touched, and the run stops at once."),
+                io.Int.Input("evaluate_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Score the model every N steps (and at 0 and the end) against your photos: "
+                                     "subject fidelity and PRES with a DINO (or CLIP) model from "
+                                     "models/dreambooth_evaluators or models/clip_vision, and save the best step "
+                                     "instead of the last. 0 = off."),
+                io.Int.Input("early_stop_patience", default=0, min=0, max=1000, optional=True,
+                             tooltip="With evaluate_every: stop once this many evaluations in a row bring no better "
+                                     "step. 0 = train all steps."),
             ],
             outputs=[
                 io.AnyType.Output("checkpoint", display_name="checkpoint",
@@ -93,6 +103,9 @@ class DreamBoothTrain(io.ComfyNode):
                                 tooltip="The training loss per step, drawn as an image (for Preview Image)."),
                 io.Image.Output("samples", display_name="samples",
                                 tooltip="Images of sample_prompt drawn by the trained model at the end."),
+                io.Image.Output("evaluation_curve", display_name="evaluation_curve",
+                                tooltip="With evaluate_every: subject fidelity (green) and PRES (red) at each "
+                                        "evaluated step, the PRES limit and the saved step (yellow)."),
             ],
         )
 
@@ -105,14 +118,16 @@ class DreamBoothTrain(io.ComfyNode):
     def execute(cls, ckpt_name, identifier, class_noun, num_class_images, steps, learning_rate, prior_loss_weight,
                 train_text_encoder, resolution, batch_size, optimizer, attention, gradient_checkpointing, precision,
                 memory_preset, seed, output_name, instance_images=None, instance_folder="", class_images=None,
-                sample_prompt="", fused_backward=False, bf16_weights=False, overwrite=False) -> io.NodeOutput:
+                sample_prompt="", fused_backward=False, bf16_weights=False, overwrite=False, evaluate_every=0,
+                early_stop_patience=0) -> io.NodeOutput:
         from ..trainer.callbacks import TrainingCancelled
         from ..trainer.checkpoint import output_path
         from ..trainer.config import TrainConfig
         from ..trainer.dataset import SubjectImage
         from ..trainer.loop import train
         from ..trainer import prompts
-        from ..trainer.plots import loss_curve
+        from ..trainer.evaluation import BestStep
+        from ..trainer.plots import evaluation_curve, loss_curve
 
         class_noun = require_class_noun(class_noun)
         if instance_images is None and not instance_folder.strip():
@@ -131,6 +146,7 @@ class DreamBoothTrain(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing, mixed_precision=precision, fused_backward=fused_backward,
             bf16_weights=bf16_weights, overwrite=overwrite, seed=seed, device=comfy_hooks.device(),
             sample_prompts=[sample_prompt.strip() or f"{instance_prompt} on the beach"],
+            evaluate_every=evaluate_every, early_stop_patience=early_stop_patience,
         )
 
         def as_subjects(batch, kind):
@@ -139,10 +155,12 @@ class DreamBoothTrain(io.ComfyNode):
 
         comfy_hooks.free_comfy_models()
         callbacks = comfy_hooks.ComfyCallbacks(cls.hidden.unique_id, steps, RENAMES)
+        photos = as_subjects(instance_images, "instance")
         try:
             with plain_errors(RENAMES):
-                result = train(cfg, callbacks=callbacks, instance_images=as_subjects(instance_images, "instance"),
-                               class_images=as_subjects(class_images, "class"))
+                evaluation = _evaluation(cfg, photos) if evaluate_every else None
+                result = train(cfg, callbacks=callbacks, instance_images=photos,
+                               class_images=as_subjects(class_images, "class"), evaluation=evaluation)
         except TrainingCancelled as cancelled:
             callbacks.log(str(cancelled))
             raise comfy_hooks.Interrupted() from cancelled  # ComfyUI shows "interrupted", not a failure
@@ -151,5 +169,16 @@ class DreamBoothTrain(io.ComfyNode):
         name = f"{comfy_hooks.OUTPUT_SUBFOLDER}/{output.name}"
         callbacks.send("done", output=name, steps=result.steps)
         samples = pil_to_image_batch(result.samples)
+        limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
+        curve = evaluation_curve(result.evaluations, result.saved_step if result.evaluations else None, limit)
         return io.NodeOutput(name, pil_to_image_batch([loss_curve(result.losses)]), samples,
-                             ui=ui.PreviewImage(samples, cls=cls))
+                             pil_to_image_batch([curve]), ui=ui.PreviewImage(samples, cls=cls))
+
+
+def _evaluation(cfg, photos):
+    """The run's evaluation, scored with the models the Measure Subject Fidelity node finds too."""
+    from ..trainer.api import evaluation_with_models
+    from ..trainer.dataset import load_image_folder
+    from .measure_fidelity import evaluators_folder, model_sources
+    images = [item.image for item in photos or load_image_folder(cfg.instance_dir)]
+    return evaluation_with_models(cfg, images, list(model_sources().values()), home=str(evaluators_folder()))

@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny import PHOTOS
+from tests.tiny import PHOTOS, tiny_bundle
 from trainer.checkpoint import read_metadata, save_checkpoint
 from trainer.models import build_bundle, shipped_configs
 from trainer.toy import world
@@ -36,14 +36,16 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR or not Path(COMFYUI_DIR, "main.p
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "example_workflows" / "dreambooth_personalize.json"
 TOY_WORKFLOW = REPO / "example_workflows" / "dreambooth_toy.json"
+SDXL_WORKFLOW = REPO / "example_workflows" / "dreambooth_sdxl.json"
 BASE_MODEL = "sd15-random.safetensors"
+TINY_SDXL = "tiny-sdxl.safetensors"  # ComfyUI's own loader knows SDXL only at full size; the pack's engine trains it
 TOY_BASE = "DreamBooth Studio toy base (32 px demo)"  # how the pack's nodes list trainer/toy/base.safetensors
 PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain", "DBStudioLoadSubjectModel",
               "DBStudioEmptyLatent", "DBStudioToySubjectPhotos")
 
 
 class Server:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *options: str):
         self.base = base
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -52,7 +54,7 @@ class Server:
         self.log_path = base / "server.log"
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *options],
             cwd=COMFYUI_DIR, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 180
@@ -171,6 +173,7 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(build_bundle("sd1", "epsilon", configs.unet, configs.vae, configs.text), checkpoints / BASE_MODEL,
                     {})  # fp16, no metadata of ours: it stands for a checkpoint downloaded from anywhere
+    save_checkpoint(tiny_bundle("sdxl"), checkpoints / TINY_SDXL, {})
     for subject in ("dog",):
         shutil.copytree(PHOTOS / subject, base / "photos" / subject)
     running = Server(base)
@@ -230,8 +233,55 @@ def test_pack_loads_with_its_nodes_and_templates(server):
         assert info["category"] == "DreamBooth"
         assert len(info["output_tooltips"]) == len(info["output"]) and all(info["output_tooltips"]), node_id
     assert sorted(server.get("/workflow_templates")["dreambooth_studio"]) == ["dreambooth_personalize",
-                                                                             "dreambooth_toy"]
+                                                                             "dreambooth_sdxl", "dreambooth_toy"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "dreambooth" in line]
+
+
+def test_sdxl_workflow_draws_at_the_models_own_size(server):
+    """The SDXL template as the editor queues it: every widget value lands on the input it is meant for."""
+    prompt = api_prompt(json.loads(SDXL_WORKFLOW.read_text()), server.object_info)
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    assert by_type["DBStudioGenerateClassPriors"]["size"] == 0 and by_type["DBStudioTrain"]["resolution"] == 0
+    assert by_type["DBStudioTrain"]["memory_preset"] == "auto" and by_type["DBStudioTrain"]["output_name"] == \
+        "my-dog-sdxl"
+    assert (by_type["EmptyLatentImage"]["width"], by_type["EmptyLatentImage"]["height"]) == (1024, 1024)
+    assert by_type["DBStudioLoadSubjectModel"]["ckpt_name"][0] == next(  # wired to Train's checkpoint output
+        key for key, node in prompt.items() if node["class_type"] == "DBStudioTrain")
+    for node_type in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain"):
+        assert by_type[node_type]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+    for node_type in ("DBStudioGenerateClassPriors", "DBStudioTrain"):
+        assert server.object_info[node_type]["input"]["required"][{"DBStudioTrain": "resolution"}.get(
+            node_type, "size")][1]["default"] == 0  # new graphs: the model's own size too
+
+
+def test_the_packs_nodes_take_an_sdxl_checkpoint_as_it_comes(server):
+    """Pick Rare Token, Generate Class Priors (at the model's own size) and DreamBooth Train on an SDXL file (a tiny
+    one): the family is read from the file and named in the log. tests/test_comfyui_sdxl.py runs a full-size one
+    through ComfyUI's loader too."""
+    prompt = {
+        "1": {"class_type": "DBStudioPickRareToken",
+              "inputs": {"ckpt_name": TINY_SDXL, "class_noun": "dog", "candidates": 2, "seed": 0}},
+        "2": {"class_type": "DBStudioGenerateClassPriors",
+              "inputs": {"ckpt_name": TINY_SDXL, "class_noun": ["1", 2], "count": 1, "size": 0, "steps": 2,
+                         "guidance": 5.0, "seed": 0}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+        "4": {"class_type": "DBStudioTrain", "inputs": {
+            **train_only(server.base / "photos" / "dog", "tiny-sdxl-dog", steps=1)["1"]["inputs"],
+            "ckpt_name": TINY_SDXL, "identifier": ["1", 0], "class_images": ["2", 0], "resolution": 32,
+            "optimizer": "adamw"}},
+    }
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", (errors(entry), server.log()[-4000:])
+    previews = entry["outputs"]["3"]["images"]
+    assert [Image.open(server.base / "temp" / p["subfolder"] / p["filename"]).size for p in previews] == [(16, 16)]
+    assert "[DreamBooth] Training SDXL at 32 px on cpu; memory preset 'custom': precision no" in server.log()
+    trained = server.base / "models" / "checkpoints" / "dreambooth" / "tiny-sdxl-dog.safetensors"
+    assert read_metadata(trained)["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+
+    load = {"1": {"class_type": "DBStudioLoadSubjectModel", "inputs": {"ckpt_name": "dreambooth/" + trained.name}},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}}
+    error = failure(server, load)
+    assert error["exception_type"] == "ValueError" and "SDXL at their full sizes" in error["exception_message"]
 
 
 def checkpoint_options(info: dict) -> list[str]:
@@ -241,7 +291,7 @@ def checkpoint_options(info: dict) -> list[str]:
 def test_the_toy_base_is_offered_by_the_packs_nodes_only(server):
     for node_id in ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioTrain",
                     "DBStudioLoadSubjectModel"):
-        assert checkpoint_options(server.object_info[node_id]) == [BASE_MODEL, TOY_BASE]  # a real one stays first
+        assert checkpoint_options(server.object_info[node_id]) == [BASE_MODEL, TINY_SDXL, TOY_BASE]  # real ones first
     # ComfyUI's own loader cannot load it, so it is not offered there.
     assert TOY_BASE not in server.object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
 

@@ -255,6 +255,29 @@ def test_the_hosts_calls_keep_no_model_alive(checkpoint, tmp_path, monkeypatch, 
     assert loaded[0]() is None  # the UNet (and with it the model) is gone once the call has returned
 
 
+@pytest.mark.parametrize("call", ["class_images", "sample"])
+def test_the_hosts_sdxl_calls_keep_no_model_alive(tmp_path, monkeypatch, call):
+    checkpoint = tmp_path / "tiny-sdxl.safetensors"
+    save_checkpoint(tiny_bundle("sdxl"), checkpoint, {})
+    loaded = []
+    real = trainer.api.load_model
+
+    def remembering(*args, **kwargs):
+        bundle = real(*args, **kwargs)
+        loaded.extend(weakref.ref(module) for module in bundle.modules)
+        return bundle
+
+    monkeypatch.setattr(trainer.api, "load_model", remembering)
+    if call == "class_images":
+        result = trainer.api.class_images(str(checkpoint), "a dog", count=1, cache_root=tmp_path, steps=1,
+                                          device="cpu")
+    else:
+        result = trainer.api.sample(str(checkpoint), ["a dog"], seeds=[0], steps=1, device="cpu")
+    assert result and len(loaded) == 4  # UNet, VAE, both text encoders
+    gc.collect()
+    assert [ref() for ref in loaded] == [None] * 4
+
+
 @pytest.mark.parametrize("preset", ["8 GB", "custom"])
 def test_a_training_step_waits_for_the_device_once(tmp_path, monkeypatch, preset):
     from torch.utils._python_dispatch import TorchDispatchMode

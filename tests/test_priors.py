@@ -2,11 +2,14 @@ import io
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 import trainer.priors as priors
 from tests.tiny import tiny_bundle
+from trainer.device import GIB, emulating_gpu
 from trainer.priors import cache_key, ensure_class_priors, load_prior_images, model_fingerprint, prior_settings
+from trainer.sampling import sample_images
 
 FAST = {"width": 16, "height": 16, "steps": 2, "guidance": 7.5, "sampler": "euler_a", "negative_prompt": "",
         "seed": 0}
@@ -165,3 +168,47 @@ def test_refuses_bad_requests_before_touching_disk(bundle, tmp_path, prompt, cou
 def test_load_prior_images(bundle, tmp_path):
     images = load_prior_images(priors_for(bundle, tmp_path, 2))
     assert [(image.mode, image.size) for image in images] == [("RGB", (16, 16))] * 2
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl():
+    return tiny_bundle("sdxl")
+
+
+def test_sdxl_class_images_are_cached_and_are_what_sampling_draws(xl, tmp_path, sampled):
+    first = priors_for(xl, tmp_path, 2)
+    assert priors_for(xl, tmp_path, 2) == first and sampled == [2]  # a repeat draws nothing
+    three = priors_for(xl, tmp_path, 3)
+    assert three[:2] == first and sampled == [2, 1]  # a top-up draws only the missing image
+    drawn = sample_images(xl, ["a dog"] * 3, seeds=[0, 1, 2], **{k: v for k, v in FAST.items() if k != "seed"})
+    assert [image.tobytes() for image in load_prior_images(three)] == [image.tobytes() for image in drawn]
+    assert first[0].parent.name != key_for(tiny_bundle("sd1"))
+
+
+def test_sdxl_fingerprint_covers_the_second_text_encoder(xl):
+    changed = tiny_bundle("sdxl")
+    with torch.no_grad():
+        changed.text_encoder_2.text_projection.weight.add_(1e-3)
+    assert not xl.source_hash and key_for(changed) != key_for(xl)
+
+
+def test_sdxl_class_images_phase_lends_both_encoders_in_half_precision_and_the_vae_in_fp32(xl, tmp_path,
+                                                                                         monkeypatch):
+    seen = []
+    real = priors.sample_images
+
+    def checking(bundle, prompts, **kwargs):  # what the phase lent, before sampling borrows anything itself
+        seen.append({name: next(getattr(bundle, name).parameters()).dtype
+                     for name in ("unet", "text_encoder", "text_encoder_2", "vae")})
+        return real(bundle, prompts, **kwargs)
+
+    monkeypatch.setattr(priors, "sample_images", checking)
+    with emulating_gpu(12 * GIB):  # the choices made on a GPU with bf16, here on the CPU
+        paths = priors.make_class_priors(xl, "a dog", count=1, cache_root=tmp_path, device="cpu",
+                                         **{k: v for k, v in FAST.items() if k != "negative_prompt"})
+    assert seen == [{"unet": torch.bfloat16, "text_encoder": torch.bfloat16, "text_encoder_2": torch.bfloat16,
+                     "vae": torch.float32}]
+    assert len(paths) == 1 and Image.open(paths[0]).size == (16, 16)
+    assert all(p.dtype == torch.float32 for module in xl.modules for p in module.parameters())  # given back

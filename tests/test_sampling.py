@@ -129,3 +129,98 @@ def test_image_grid_lays_out_rows():
     assert grid.getpixel((5, 0)) == colours[1]
     assert grid.getpixel((0, 7)) == colours[2]
     assert grid.getpixel((5, 7)) == (0, 0, 0)
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl():
+    return tiny_bundle("sdxl")
+
+
+def diffusers_xl_images(bundle, prompt: str, seed: int, **settings) -> list[Image.Image]:
+    """What diffusers' own StableDiffusionXLPipeline draws from the same modules (fp32, its own decode)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, text_encoder_2=bundle.text_encoder_2,
+        tokenizer=bundle.tokenizer, tokenizer_2=bundle.tokenizer_2, unet=bundle.unet, add_watermarker=False,
+        scheduler=EulerDiscreteScheduler.from_config(bundle.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=prompt, negative_prompt="", generator=torch.Generator("cpu").manual_seed(seed),
+                **settings).images
+
+
+def test_sdxl_samples_what_diffusers_sdxl_pipeline_draws(xl):
+    settings = {"num_inference_steps": 3, "guidance_scale": 5.0, "width": 32, "height": 16}
+    ours = sample_images(xl, ["a dog", "a red car"], seeds=[4, 5], sampler="euler", steps=3, guidance=5.0, width=32,
+                         height=16, batch_size=1)  # one prompt per call, as below: the same float math, bit for bit
+    theirs = diffusers_xl_images(xl, "a dog", 4, **settings) + diffusers_xl_images(xl, "a red car", 5, **settings)
+    assert [image.size for image in ours] == [(32, 16)] * 2
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(ours, theirs, strict=True))
+    assert not np.array_equal(pixels(ours[0]), pixels(ours[1]))  # not vacuous
+
+
+def test_sdxl_conditions_on_the_image_size_uncropped(xl, monkeypatch):
+    """Size conditioning says: made at this size, not cropped (original = target = the image size, crop 0, 0)."""
+    seen = []
+    real = type(xl.unet).forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        seen.append((encoder_hidden_states.shape[-1], added_cond_kwargs["text_embeds"].shape[-1],
+                     added_cond_kwargs["time_ids"].tolist()))
+        return real(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(type(xl.unet), "forward", spy)
+    sample_images(xl, ["a dog"], seeds=[0], steps=1, width=32, height=16)
+    width = xl.text_encoder.config.hidden_size + xl.text_encoder_2.config.hidden_size  # both encoders, side by side
+    pooled = xl.text_encoder_2.config.projection_dim
+    assert seen == [(width, pooled, [[16.0, 32.0, 0.0, 0.0, 16.0, 32.0]] * 2)]  # negative and positive rows
+
+
+def test_sdxl_vae_decodes_in_fp32_while_the_rest_draws_in_half_precision(xl):
+    decoder_calls, unet_dtypes = [], []
+    hooks = [
+        xl.vae.decoder.register_forward_pre_hook(lambda module, args: decoder_calls.append(
+            (args[0].dtype, module.conv_in.weight.dtype, torch.is_autocast_enabled("cpu"), args[0].shape[0]))),
+        xl.unet.register_forward_pre_hook(lambda module, args: unet_dtypes.append(module.conv_in.weight.dtype)),
+    ]
+    try:
+        images = sample_images(xl, ["a dog", "a cat"], seeds=[0, 1], steps=2, width=16, height=16,
+                               dtype=torch.bfloat16, autocast=torch.bfloat16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(unet_dtypes) == {torch.bfloat16}
+    assert decoder_calls == [(torch.float32, torch.float32, False, 1)] * 2  # fp32, no autocast, one image at a time
+    assert all(np.isfinite(pixels(image)).all() for image in images)
+    assert all(p.dtype == torch.float32 for module in xl.modules for p in module.parameters())  # given back
+
+
+def test_sd1_vae_decodes_as_the_rest_draws(bundle):
+    calls = []
+    hook = bundle.vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(module.conv_in.weight.dtype))
+    try:
+        sample_images(bundle, ["a dog"], seeds=[0], dtype=torch.bfloat16, **FAST)
+    finally:
+        hook.remove()
+    assert calls == [torch.bfloat16]
+
+
+def test_sdxl_restores_every_module_including_the_second_text_encoder(xl):
+    xl.text_encoder_2.train()
+    before = [p.data_ptr() for module in xl.modules for p in module.parameters()]
+    during = []
+    sample_images(xl, ["a dog"], seeds=[0], steps=1, width=16, height=16, dtype=torch.bfloat16,
+                  on_image=lambda *_: during.append((xl.text_encoder_2.training,
+                                                     next(xl.text_encoder_2.parameters()).dtype)))
+    assert during == [(False, torch.bfloat16)]  # borrowed in the sampling dtype, in eval mode
+    assert xl.text_encoder_2.training
+    assert [p.data_ptr() for module in xl.modules for p in module.parameters()] == before
+    xl.text_encoder_2.eval()
+
+
+def test_sdxl_needs_sizes_its_unet_can_halve_twice(xl):
+    assert size_multiple(xl) == 8  # tiny: 2x VAE, two 2x UNet levels; the pipeline needs 8
+    with pytest.raises(ValueError, match="width must be a positive multiple of 8"):
+        sample_images(xl, ["a"], seeds=[0], steps=1, width=12, height=16)

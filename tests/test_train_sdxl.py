@@ -115,9 +115,17 @@ def test_both_text_encoders_train_and_a_crashed_run_resumes_exactly(images, tmp_
 
 
 def test_sdxl_trains_at_1024_unless_told_otherwise():
-    assert for_model(TrainConfig(), tiny_bundle("sdxl")).resolution == 1024
-    assert for_model(TrainConfig(), tiny_bundle("sd1")).resolution == 512
-    assert for_model(TrainConfig(resolution=768), tiny_bundle("sdxl")).resolution == 768
+    from bench.models import PREDICTION_TYPES
+    from trainer.models import build_bundle, shipped_configs
+
+    def full_size(family):  # shapes only: the size comes from the configs
+        configs = shipped_configs(family)
+        with torch.device("meta"):
+            return build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
+                                text_config_2=configs.text_2)
+    assert [for_model(TrainConfig(), full_size(f)).resolution for f in ("sd1", "sd2", "sdxl")] == [512, 768, 1024]
+    assert for_model(TrainConfig(resolution=768), full_size("sdxl")).resolution == 768
+    assert for_model(TrainConfig(), tiny_bundle("sdxl")).resolution == 16  # the tiny test model's own size
 
 
 def test_identifiers_are_probed_on_sdxl_and_are_one_token_in_both_tokenizers():

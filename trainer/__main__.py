@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "ComfyUI and A1111. Ctrl-C stops after the current step and keeps a state; "
                                        "running the same command again resumes.")
     _add_config_options(train)
+    train.add_argument("--evaluation-models", action="append", default=[], metavar="PATH",
+                       help="with --evaluate-every: a DINO/CLIP model file or folder, or a folder of them, to score "
+                            "with (as for the evaluate command). Repeatable.")
     train.set_defaults(run=_train)
 
     sample = sub.add_parser("sample", help="draw a few images from a checkpoint",
@@ -173,10 +176,19 @@ def _train(args) -> int:
     from .loop import train
     from .plots import evaluation_curve
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    evaluation = None
+    if cfg.evaluate_every:
+        from .api import evaluation_with_models
+        if not args.evaluation_models:
+            raise ConfigError("--evaluate-every needs --evaluation-models PATH: a folder with a DINO ViT-S/16 (as the "
+                              "paper) and/or a CLIP model; see the README, Measuring the result")
+        from .dataset import load_image_folder
+        photos = [item.image for item in load_image_folder(cfg.validate().instance_dir)]
+        evaluation = evaluation_with_models(cfg, photos, args.evaluation_models, home="the --evaluation-models folder")
     printer = _ConsolePrinter()
     signal.signal(signal.SIGINT, printer.request_stop)
     try:
-        result = train(cfg, callbacks=printer)
+        result = train(cfg, callbacks=printer, evaluation=evaluation)
     except TrainingCancelled as cancelled:
         print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
@@ -333,8 +345,8 @@ class _ConsolePrinter:
 
     def on_evaluation(self, scores, best) -> None:
         chosen = f"best so far: step {best.best.step}" if best.best else "the base model's baseline"
-        self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {scores.pres:.3f} "
-                 f"({chosen})")
+        pres = "n/a (needs a DINO model)" if scores.pres is None else f"{scores.pres:.3f}"
+        self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {pres} ({chosen})")
         self.evaluations = (list(best.history), best.best.step if best.best else None, best.pres_limit)
 
     def log(self, message: str) -> None:

@@ -12,7 +12,10 @@ from typing import Callable
 import torch
 
 from .bundle import ModelBundle
+from .config import TrainConfig
 from .device import inference_dtype, resolve_device
+from .evaluation import Evaluation
+from .measure import EmbeddingScorer, load_embedders
 from .models import load_model
 from .phases import PROBING, SAMPLING, Phase
 from .priors import make_class_priors
@@ -34,7 +37,7 @@ def pick_identifiers(model: str, class_noun: str, *, count: int = 10, candidates
 
 def probe_identifiers(bundle: ModelBundle, class_noun: str, *, candidates: int, shortlist: int, seed: int,
                       device: torch.device, log: Log | None = None) -> list[RankedToken]:
-    """pick_identifiers on a loaded model, as a phase: its UNet and text encoder on the device in half precision
+    """pick_identifiers on a loaded model, as a phase: its UNet and text encoder(s) on the device in half precision
     where the GPU has it, for the probes, and given back afterwards."""
     pool = candidate_identifiers(bundle.tokenizer, count=candidates, seed=seed)
     advice = "Probe fewer candidates at a time (a smaller shortlist), or close other programs that use the GPU."
@@ -68,3 +71,14 @@ def sample(model: str, prompts: list[str], *, seeds: list[int], size: int | None
     with Phase(SAMPLING, device, log=log, advice="Lower the size, or close other programs that use the GPU."):
         return sample_images(bundle, prompts, seeds=seeds, width=size, height=size, steps=steps, guidance=guidance,
                              sampler=sampler, device=device, on_image=on_image)
+
+
+
+def evaluation_with_models(cfg: TrainConfig, photos: list, model_sources: list[str], home: str) -> Evaluation:
+    """Training-time evaluation (cfg.evaluate_every) scored with the embedding models found in `model_sources`:
+    DINO (subject fidelity and PRES, as the paper), else CLIP-I (subject fidelity only; without PRES no step is ruled
+    out for drift), against the subject's `photos` (PIL). Raises ValueError (EmbedderError) naming what to put where
+    when there is no model."""
+    scorer = EmbeddingScorer(load_embedders(model_sources, home=home))
+    return Evaluation.in_contexts(scorer, photos, f"{cfg.identifier} {cfg.class_noun}", cfg.class_prompt,
+                                  cfg.evaluation_prompts)

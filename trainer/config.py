@@ -47,7 +47,7 @@ class TrainConfig:
     prior_guidance: float = _setting(7.5, "Classifier-free guidance for the generated class images.")
 
     # Optimisation
-    resolution: int = _setting(0, "Training size in pixels (photos are resized and centre-cropped); 0 = the model's own: 512 for SD 1.x and 2.x (768 also suits SD 2.x 768-v models), 1024 for SDXL.")
+    resolution: int = _setting(0, "Training size in pixels (photos are resized and centre-cropped); 0 = the size the model was made for: 512 for SD 1.5, 768 for SD 2.1-768, 1024 for SDXL.")
     batch_size: int = _setting(1, "Photos per step (each with one class image).")
     max_train_steps: int = _setting(400, "Optimizer steps; about 80-120 per photo. Too many over-fits: the subject appears in every image.")
     learning_rate: float = _setting(2e-6, "Learning rate (1e-6 to 5e-6 for a full fine-tune).")

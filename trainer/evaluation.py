@@ -22,6 +22,8 @@ SEEDS = (0, 1)
 
 
 class ImageScorer(Protocol):
+    """has_pres (optional, default True): False for a scorer that cannot measure PRES (CLIP without DINO)."""
+
     def subject_fidelity(self, images: Sequence[Image.Image], reference_images: Sequence[Image.Image]) -> float:
         """Mean similarity of `images` to the subject's `reference_images` (higher = more like the subject)."""
 
@@ -33,7 +35,7 @@ class ImageScorer(Protocol):
 class StepScores:
     step: int
     subject_fidelity: float
-    pres: float
+    pres: float | None  # None: not measured (no DINO model)
 
 
 @dataclass
@@ -63,8 +65,8 @@ class Evaluation:
         prompts = [prompt for prompt in (*self.prompts, self.class_prompt) for _ in self.seeds]
         images = draw(prompts, [seed for _ in range(len(self.prompts) + 1) for seed in self.seeds])
         subject, plain = images[:-len(self.seeds)], images[-len(self.seeds):]
-        return StepScores(step, float(self.scorer.subject_fidelity(subject, self.photos)),
-                          float(self.scorer.pres(plain, self.photos)))
+        pres = float(self.scorer.pres(plain, self.photos)) if getattr(self.scorer, "has_pres", True) else None
+        return StepScores(step, float(self.scorer.subject_fidelity(subject, self.photos)), pres)
 
 
 @dataclass
@@ -75,12 +77,17 @@ class BestStep:
 
     @property
     def pres_limit(self) -> float | None:
-        """PRES may rise this far: the first evaluation's (the base model's, at step 0) plus max_pres_rise."""
-        return self.history[0].pres + self.max_pres_rise if self.history else None
+        """PRES may rise this far: the first evaluation's (the base model's, at step 0) plus max_pres_rise (None when PRES
+    is not measured)."""
+        if not self.history or self.history[0].pres is None:
+            return None
+        return self.history[0].pres + self.max_pres_rise
 
     @property
     def best(self) -> StepScores | None:
-        allowed = [scores for scores in self.history if scores.step > 0 and scores.pres <= self.pres_limit]
+        limit = self.pres_limit
+        allowed = [scores for scores in self.history
+                   if scores.step > 0 and (limit is None or scores.pres is None or scores.pres <= limit)]
         return max(allowed, key=lambda scores: (scores.subject_fidelity, -scores.step), default=None)
 
     def add(self, scores: StepScores) -> bool:

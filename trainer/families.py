@@ -24,7 +24,6 @@ class TextEncoderSlot:
 class Family:
     name: str  # "sd1", "sd2", "sdxl"
     title: str  # what a user reads
-    resolution: int  # the training size it was made for (SD 2.1-768 says 768 itself, through its UNet's sample size)
     text_encoders: tuple[TextEncoderSlot, ...]
     implementation: str  # ModelSpec's modelspec.implementation
 
@@ -47,13 +46,13 @@ class Family:
         return "stable-diffusion-xl-v1-base"
 
 
-SD1 = Family("sd1", "SD 1.x", 512,
+SD1 = Family("sd1", "SD 1.x",
              (TextEncoderSlot("cond_stage_model.transformer.text_model.", False, "text_encoder", "tokenizer"),),
              "https://github.com/CompVis/stable-diffusion")
-SD2 = Family("sd2", "SD 2.x", 512,
+SD2 = Family("sd2", "SD 2.x",
              (TextEncoderSlot("cond_stage_model.model.", True, "text_encoder", "tokenizer"),),
              "https://github.com/Stability-AI/stablediffusion")
-SDXL = Family("sdxl", "SDXL", 1024,
+SDXL = Family("sdxl", "SDXL",
               (TextEncoderSlot("conditioner.embedders.0.transformer.text_model.", False, "text_encoder", "tokenizer"),
                TextEncoderSlot("conditioner.embedders.1.model.", True, "text_encoder_2", "tokenizer_2", projection=True)),
               "https://github.com/Stability-AI/generative-models")

@@ -38,7 +38,7 @@ from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
 from .priors import default_cache_root, load_prior_images, make_class_priors
 from .provenance import Provenance
 from .randomness import StepRandomness
-from .sampling import sample_images, size_multiple
+from .sampling import native_size, sample_images, size_multiple, vae_dtype
 from .tokens import identifier_warnings
 
 
@@ -86,8 +86,9 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
 
 
 def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
-    """`cfg` with what it leaves to the model: resolution 0 is the family's training size (1024 px for SDXL)."""
-    return cfg if cfg.resolution else dataclasses.replace(cfg, resolution=bundle.spec.resolution)
+    """`cfg` with what it leaves to the model: resolution 0 is the size the model was made for (512 px for SD 1.5,
+    768 for SD 2.1-768, 1024 for SDXL), the size class images and samples are drawn at too."""
+    return cfg if cfg.resolution else dataclasses.replace(cfg, resolution=native_size(bundle))
 
 
 def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images,
@@ -113,8 +114,8 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     # The frozen VAE and text encoders encode in the training step's precision, as the reference script does; SDXL's
     # VAE in fp32, as it overflows in fp16 (its config's force_upcast).
     with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
-        vae_dtype = torch.float32 if bundle.vae.config.get("force_upcast", False) else precision or torch.float32
-        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase, vae_dtype)
+        latents = LatentCache.build(bundle, instance_images, class_images, cfg.resolution, phase,
+                                    vae_dtype(bundle, precision or torch.float32))
         text = TextConditioning(bundle, cfg, phase, precision or torch.float32)
 
     state_dir = state_io.state_dir_for(cfg.output)
@@ -497,13 +498,15 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
 
 def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
     """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
-    precision (the previews phase: everything it borrowed leaves the GPU when it ends)."""
-    frozen = [m for m in (bundle.vae, *bundle.text_encoders) if not any(p.requires_grad for p in m.parameters())]
+    precision (the previews phase: everything it borrowed leaves the GPU when it ends). One image at a time on a GPU,
+    beside the training's memory; all at once on the CPU, where each call costs more than memory does."""
+    frozen = [m for m in bundle.text_encoders if not any(p.requires_grad for p in m.parameters())]
     half = inference_dtype(device)
     with Phase(PREVIEWS, device, log=log) as phase:
         phase.borrow(*frozen, dtype=half)
+        phase.borrow(bundle.vae, dtype=vae_dtype(bundle, half))  # SDXL's in fp32: it overflows in fp16
         return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
-                             steps=cfg.sample_steps, batch_size=1,
+                             steps=cfg.sample_steps, batch_size=1 if device.type == "cuda" else len(prompts),
                              autocast=precision or (half if half != torch.float32 else None), **sampling)
 
 

@@ -159,14 +159,22 @@ def _load_single_file(path: Path, prediction_type: str | None, zero_terminal_snr
         _check_layout(path, spec, expected, shapes)
         weights = {key: read_tensor(file, path, name) for key, name in names.items() if _kept(key)}
 
-    _adopt(unet, convert_ldm_unet_checkpoint(weights, dict(unet.config)), dtype)
-    _adopt(vae, convert_ldm_vae_checkpoint(weights, dict(vae.config)), dtype)
-    for encoder, slot in zip(text_encoders, spec.text_encoders):
-        _fill_text_encoder(encoder, slot, weights, dtype)
     prediction = prediction_type or _file_prediction_type(path, metadata, spec, weights, V_PRED_KEY in names)
     zsnr = ZTSNR_KEY in names if zero_terminal_snr is None else zero_terminal_snr
     passthrough = {key: tensor for key, tensor in weights.items() if key not in expected}
+    # One part at a time, its file tensors dropped once adopted: the peak is the modules and one part's file tensors
+    # (a full SDXL fp16 file into fp32 modules: 14 GB of modules instead of 21 GB in all).
+    _adopt(unet, convert_ldm_unet_checkpoint(_take(weights, UNET_PREFIX), dict(unet.config)), dtype)
+    _adopt(vae, convert_ldm_vae_checkpoint(_take(weights, VAE_PREFIX), dict(vae.config)), dtype)
+    for encoder, slot in zip(text_encoders, spec.text_encoders):
+        _fill_text_encoder(encoder, slot, _take(weights, slot.prefix), dtype)
+    del weights
     return _assemble(unet, vae, text_encoders, spec, prediction, zsnr, path.name, file_sha256(path), passthrough)
+
+
+def _take(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, removed from `weights`."""
+    return {key: weights.pop(key) for key in [key for key in weights if key.startswith(prefix)]}
 
 
 def _ldm_names(file_keys) -> dict[str, str]:

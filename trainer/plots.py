@@ -56,7 +56,7 @@ def evaluation_curve(history, best_step: int | None, pres_limit: float | None, w
     if not history:
         draw.text((left, 4), "no evaluations yet", fill=TEXT)
         return image
-    values = [s.subject_fidelity for s in history] + [s.pres for s in history] + \
+    values = [s.subject_fidelity for s in history] + [s.pres for s in history if s.pres is not None] + \
         ([pres_limit] if pres_limit is not None else [])
     low, high = min(values), max(values)
     span = (high - low) or 1.0
@@ -73,7 +73,7 @@ def evaluation_curve(history, best_step: int | None, pres_limit: float | None, w
         for x in range(left, right, 12):
             draw.line([(x, y), (min(x + 6, right), y)], fill=PRES)
     for values_of, color in ((lambda s: s.subject_fidelity, FIDELITY), (lambda s: s.pres, PRES)):
-        points = [point(s.step, values_of(s)) for s in history]
+        points = [point(s.step, values_of(s)) for s in history if values_of(s) is not None]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)
         for x, y in points:

@@ -22,7 +22,7 @@ from .atomic import replacing
 from .bundle import ModelBundle
 from .device import inference_dtype
 from .phases import CLASS_IMAGES, OutOfMemory, Phase
-from .sampling import sample_images, validate_settings
+from .sampling import sample_images, vae_dtype, validate_settings
 
 CACHE_FORMAT = 1  # bump when a change to sampling alters the pixels of existing caches
 KEY_LENGTH = 16
@@ -37,14 +37,17 @@ def default_cache_root() -> Path:
 
 
 def model_fingerprint(bundle: ModelBundle) -> str:
-    """bundle.source_hash when known, else a sha256 over the UNet, text-encoder and VAE weights.
+    """bundle.source_hash when known, else a sha256 over the UNet, text-encoder(s) and VAE weights.
 
     Pass the base model: a bundle that has been trained since loading still carries its base file's hash.
     """
     if bundle.source_hash:
         return bundle.source_hash
     digest = hashlib.sha256()
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder), ("vae", bundle.vae)):
+    modules = [("unet", bundle.unet), ("text_encoder", bundle.text_encoder), ("vae", bundle.vae)]
+    if bundle.text_encoder_2 is not None:  # (after the others: SD1/SD2 fingerprints stay as they were)
+        modules.append(("text_encoder_2", bundle.text_encoder_2))
+    for prefix, module in modules:
         for name, tensor in module.state_dict().items():
             digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             # A byte view hashes any dtype (bf16 included) exactly, without a float round trip.
@@ -189,9 +192,10 @@ def ensure_class_priors(
 def make_class_priors(bundle: ModelBundle, class_prompt: str, *, count: int, cache_root: str | Path,
                       device: torch.device, batch_size: int = 4, log: Callable[[str], None] | None = None,
                       **settings) -> list[Path]:
-    """ensure_class_priors as a phase of a run: the frozen model on `device` in half precision where the GPU has it,
-    given back afterwards. When a batch does not fit, the images made so far stay cached and the rest is made with
-    half the batch, down to one image at a time; then the phase's out-of-memory error says what to change."""
+    """ensure_class_priors as a phase of a run: the frozen model on `device` in half precision where the GPU has it
+    (SDXL's VAE in fp32: see trainer/sampling.py), given back afterwards. When a batch does not fit, the images made
+    so far stay cached and the rest is made with half the batch, down to one image at a time; then the phase's
+    out-of-memory error says what to change."""
     device = torch.device(device)
     while True:
         advice = (f"Lower the resolution (now {settings.get('width', 512)} px), or give ready-made class images "
@@ -199,7 +203,9 @@ def make_class_priors(bundle: ModelBundle, class_prompt: str, *, count: int, cac
                   "run again to continue.")
         try:
             with Phase(CLASS_IMAGES, device, log=log, advice=advice) as phase:
-                phase.borrow(bundle.unet, bundle.text_encoder, bundle.vae, dtype=inference_dtype(device))
+                half = inference_dtype(device)
+                phase.borrow(bundle.unet, *bundle.text_encoders, dtype=half)
+                phase.borrow(bundle.vae, dtype=vae_dtype(bundle, half))
                 return ensure_class_priors(bundle, class_prompt, count=count, cache_root=cache_root,
                                            batch_size=batch_size, device=device, **settings)
         except OutOfMemory:

@@ -1,4 +1,9 @@
-"""Text-to-image sampling from a ModelBundle: previews during training and class-prior images.
+"""Text-to-image sampling from a ModelBundle: previews during training, class-prior images, `python -m trainer sample`.
+
+SD 1.x/2.x draw with diffusers' StableDiffusionPipeline, SDXL with its StableDiffusionXLPipeline (both text encoders,
+the pooled embedding, and size conditioning saying the image was made at its own size, uncropped). The pipeline only
+denoises; the VAE then decodes one image at a time, so a batch's decode is never the peak. SDXL's VAE overflows in
+half precision (diffusers' force_upcast), so it decodes in fp32, also when the rest runs in half precision.
 
 Every image gets its own CPU torch.Generator seeded with its own seed, so its pixels depend only on its prompt,
 seed and settings, not on the batch it was generated in nor on the device (CPU noise is the same everywhere).
@@ -18,7 +23,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
+from diffusers.image_processor import VaeImageProcessor
 
 from .bundle import ModelBundle
 from .phases import borrowed
@@ -79,41 +86,66 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def decodes_in_fp32(bundle: ModelBundle) -> bool:
+    """SDXL's VAE overflows in fp16 (diffusers' force_upcast), so it decodes in fp32 whatever the rest draws in.
+    (diffusers sets force_upcast on every AutoencoderKL config by default; only its SDXL pipelines read it.)"""
+    return bundle.spec.is_xl and bundle.vae.config.force_upcast
+
+
+def vae_dtype(bundle: ModelBundle, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the VAE decodes in when the rest of the model draws in `dtype` (None: as its weights are)."""
+    return torch.float32 if decodes_in_fp32(bundle) else dtype
+
+
 @contextmanager
 def _on_device_for_sampling(bundle: ModelBundle, device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """Eval mode on `device` (as `dtype` when given) for the duration, then each (sub)module's own tensors and train
-    flag again, untouched. Modules already there in that dtype are used without a copy; the VAE decodes one image at
-    a time (a batch's decode is the peak of sampling)."""
-    modules = (bundle.unet, bundle.vae, bundle.text_encoder)
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    slicing = bundle.vae.use_slicing
+    """Eval mode on `device` (as `dtype` when given; the VAE as vae_dtype) for the duration, then each (sub)module's
+    own tensors and train flag again, untouched. Modules already there in that dtype are used without a copy."""
+    flags = [(m, m.training) for module in bundle.modules for m in module.modules()]
     with ExitStack() as stack:
-        for module in modules:
-            stack.enter_context(borrowed(module, device, dtype))
+        for module in bundle.modules:
+            stack.enter_context(borrowed(module, device, vae_dtype(bundle, dtype) if module is bundle.vae else dtype))
         try:
-            for module in modules:
+            for module in bundle.modules:
                 module.eval()
-            bundle.vae.use_slicing = True
             yield
         finally:
-            bundle.vae.use_slicing = slicing
             for m, training in flags:
                 m.training = training
 
 
-def _pipeline(bundle: ModelBundle, sampler: str) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=make_scheduler(bundle, sampler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def _pipeline(bundle: ModelBundle, sampler: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The family's diffusers pipeline over the bundle's modules (it only denoises: see _decode)."""
+    scheduler = make_scheduler(bundle, sampler)
+    if bundle.spec.is_xl:
+        pipe = StableDiffusionXLPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoder, text_encoder_2=bundle.text_encoder_2,
+            tokenizer=bundle.tokenizer, tokenizer_2=bundle.tokenizer_2, unet=bundle.unet, scheduler=scheduler,
+            add_watermarker=False)  # (diffusers' default adds one when invisible-watermark is installed)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _size_conditioning(bundle: ModelBundle, width: int, height: int) -> dict:
+    """SDXL's micro-conditioning for an image made at its own size, uncropped (diffusers' defaults, said here)."""
+    if not bundle.spec.is_xl:
+        return {}
+    return {"original_size": (height, width), "target_size": (height, width), "crops_coords_top_left": (0, 0)}
+
+
+def _decode(bundle: ModelBundle, latents: torch.Tensor, compute) -> Iterator[Image.Image]:
+    """The pipeline's decode, one image at a time: in `compute` (the caller's autocast) for SD 1.x/2.x; for SDXL in
+    fp32 with autocast off, as its VAE was borrowed in vae_dtype."""
+    vae = bundle.vae
+    processor = VaeImageProcessor(vae_scale_factor=bundle.vae_scale_factor)
+    for latent in latents:
+        with torch.autocast(latent.device.type, enabled=False) if decodes_in_fp32(bundle) else compute:
+            pixels = vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample
+        yield processor.postprocess(pixels, output_type="pil")[0].convert("RGB")
 
 
 def sample_images(
@@ -152,22 +184,23 @@ def sample_images(
     # Without autocast's cache: it would keep a low-precision copy of every trained (grad-requiring) weight for the whole
     # call, 1.8 GiB beside an fp32 SD 1.5 being trained, for weights each used once per step.
     compute = torch.autocast(device.type, dtype=autocast, cache_enabled=False) if autocast else nullcontext()
-    with _on_device_for_sampling(bundle, device, dtype), torch.no_grad(), compute:
+    with _on_device_for_sampling(bundle, device, dtype), torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch_prompts = prompts[start:start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[start:start + batch_size]]
-            batch = pipe(
-                prompt=batch_prompts,
-                negative_prompt=[negative_prompt] * len(batch_prompts),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=generators,
-                output_type="pil",
-            ).images
-            for image in batch:
-                image = image.convert("RGB")
+            with compute:
+                latents = pipe(
+                    prompt=batch_prompts,
+                    negative_prompt=[negative_prompt] * len(batch_prompts),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    generator=generators,
+                    output_type="latent",
+                    **_size_conditioning(bundle, width, height),
+                ).images
+            for image in _decode(bundle, latents, compute):
                 if on_image is not None:
                     on_image(len(images), image)
                 images.append(image)

@@ -2,24 +2,31 @@
 
     python -m trainer demo --out toy_demo
 
-writes toy_demo/photos/ (the 5 training photos), toy_demo/toy-subject.safetensors (the trained model) and
-toy_demo/before_after.png: the same prompts and seeds drawn by the base model and by the trained one.
+writes toy_demo/photos/ (the 5 training photos), toy_demo/toy-subject.safetensors (the trained model: its best
+evaluated step), toy_demo/evaluation.png (the scores of each evaluated step) and toy_demo/before_after.png: the same
+prompts and seeds drawn by the base model and by the trained one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from ..callbacks import Callbacks
 from ..bundle import ModelBundle
+from ..evaluation import BestStep
+from ..loop import train
 from ..models import load_model
+from ..plots import evaluation_curve
 from . import experiment as ex
 from . import world
 from .evaluators import load_evaluators
 
 VARIANT = ex.Variant("toy-subject")
+# The demo trains up to 1600 steps, scores the model every 100 (trainer/evaluation.py, with the toy evaluators) and
+# stops once subject fidelity has not improved for 4 evaluations: it saves the best step, not the last.
+MAX_STEPS, EVALUATE_EVERY, PATIENCE = 1600, 100, 4
 # Shown in the grid: some of the evaluation prompts (measure() samples them all), and the plain class prompt.
 TEMPLATES = ["a {V} star on a green background", "a {V} star on a red background",
              "a blue {V} star on a white background", "a sketch of a {V} star", world.CLASS_PROMPT]
@@ -56,20 +63,33 @@ def before_after_grid(prompts: list[str], before: list[list[Image.Image]], after
 @dataclass
 class DemoResult:
     grid: Path
-    model: ModelBundle  # the trained model
+    model: ModelBundle  # the trained model: the best evaluated step, as saved
     before: ex.Scores
     after: ex.Scores
+    evaluations: list  # StepScores of every evaluated step
+    saved_step: int
 
 
 def run(out: Path, callbacks: Callbacks | None = None, log=print, variant: ex.Variant = VARIANT) -> DemoResult:
-    """Train the toy subject, write the before/after grid and print the scores."""
+    """Train the toy subject (keeping its best evaluated step), write the before/after grid, the evaluation curve
+    and print the scores."""
     evaluators = load_evaluators()
     base = load_model(ex.BASE)
     prompts = [variant.prompt(template) for template in TEMPLATES]
     before_scores, before = ex.measure(base, evaluators, variant, SEEDS, with_common_word=False)
-    log(f"Training the toy subject into {ex.BASE.name} ({variant.steps} steps, prior preservation "
-        f"{'on' if variant.prior else 'off'})")
-    trained = ex.train_variant(variant, out, bundle=base, callbacks=callbacks)
+    variant = replace(variant, steps=MAX_STEPS)
+    log(f"Training the toy subject into {ex.BASE.name} (up to {variant.steps} steps, scored every {EVALUATE_EVERY}; "
+        f"prior preservation {'on' if variant.prior else 'off'})")
+    if not (out / "photos").is_dir():
+        ex.write_photos(out / "photos")
+    cfg = replace(ex.train_config(variant, out), evaluate_every=EVALUATE_EVERY, early_stop_patience=PATIENCE)
+    result = train(cfg, bundle=base, callbacks=callbacks, evaluation=ex.evaluation(variant, evaluators))
+    for scores in result.evaluations:
+        log(f"  step {scores.step:>4}: subject fidelity {scores.subject_fidelity:+.3f}, PRES {scores.pres:+.3f}")
+    trained = load_model(result.output)  # the saved step: the best evaluated one
+    pres_limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
+    evaluation_curve(result.evaluations, result.saved_step, pres_limit).save(out / "evaluation.png")
+    log(f"Saved step {result.saved_step} of {result.steps}, the best evaluated (curve: {out / 'evaluation.png'})")
     after_scores, after = ex.measure(trained, evaluators, variant, SEEDS, with_common_word=False)
     photos = [Image.open(path).convert("RGB") for path in sorted((out / "photos").glob("*.png"))]
     path = out / "before_after.png"
@@ -83,4 +103,4 @@ def run(out: Path, callbacks: Callbacks | None = None, log=print, variant: ex.Va
     log(f"PRES (plain '{world.CLASS_PROMPT}' looking like the subject; lower = no drift): {before_scores.pres:+.3f} "
         f"before, {after_scores.pres:+.3f} after")
     log(f"Wrote {path} and {out / (variant.name + '.safetensors')}")
-    return DemoResult(path, trained, before_scores, after_scores)
+    return DemoResult(path, trained, before_scores, after_scores, result.evaluations, result.saved_step)
