@@ -127,6 +127,11 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
                                       state_dir, provenance, evaluation)
     del latents, text  # the last of the run on the GPU: saving needs none of it
+    # The final previews after the training phase: the optimizer's state is gone and the modules are off the GPU, so
+    # they draw with more room than previews during training (an SDXL run on a 12 GB card needs it).
+    result.samples = _previews(bundle, cfg, callbacks, device, precision)
+    if result.samples:
+        callbacks.on_samples(result.steps, result.samples)
     with Phase(SAVING, device, log=callbacks.log, host_only=True):
         best_file = best_file_for(cfg.output)
         if result.saved_step != result.steps:  # an earlier evaluated step was better: its file is the output
@@ -154,8 +159,7 @@ def best_file_for(output: str) -> Path:
 
 def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
                provenance: Provenance, evaluation: Evaluation | None) -> tuple[TrainResult, state_io.Position]:
-    """The steps and the final previews, with the trained modules and the optimizer on the device; both leave it
-    when this returns."""
+    """The steps, with the trained modules and the optimizer on the device; both leave it when this returns."""
     device = phase.device
     _prepare_for_training(bundle, cfg, modules, phase, callbacks)
     unet = bundle.unet  # the step's forward; with compile_unet a compiled wrapper, and bundle.unet stays plain
@@ -244,16 +248,12 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
 
     if cfg.channels_last:
         speed.to_contiguous(bundle.unet)  # the caller gets the UNet laid out as it gave it
-    samples = _previews(bundle, cfg, callbacks, device, precision)
-    if samples:
-        callbacks.on_samples(position.step, samples)
     saved_step = best.best.step if best.best is not None else position.step
     if evaluation is not None and best.best is None:
         callbacks.log(f"Warning: every evaluated step let 'a {cfg.class_noun}' drift past the PRES limit "
                       f"({best.pres_limit:.3f}); the last step is saved. Keep prior preservation on, or lower the "
                       "learning rate or steps.")
-    return TrainResult(cfg.output, position.step, losses, samples, resumed_from, list(best.history),
-                       saved_step), position
+    return TrainResult(cfg.output, position.step, losses, [], resumed_from, list(best.history), saved_step), position
 
 
 def to_host(*values: torch.Tensor) -> list[float]:
@@ -505,7 +505,7 @@ def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], 
     with Phase(PREVIEWS, device, log=log) as phase:
         phase.borrow(*frozen, dtype=half)
         phase.borrow(bundle.vae, dtype=vae_dtype(bundle, half))  # SDXL's in fp32: it overflows in fp16
-        return sample_images(bundle, prompts, seeds=seeds, width=cfg.resolution, height=cfg.resolution,
+        return sample_images(bundle, prompts, seeds=seeds, device=device, width=cfg.resolution, height=cfg.resolution,
                              steps=cfg.sample_steps, batch_size=1 if device.type == "cuda" else len(prompts),
                              autocast=precision or (half if half != torch.float32 else None), **sampling)
 
