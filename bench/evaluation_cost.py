@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from trainer.loop import train
-from trainer.models import load_model
-from trainer.toy import experiment as ex
-from trainer.toy.evaluators import load_evaluators
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from trainer.loop import train  # noqa: E402 (after the path above)
+from trainer.models import load_model  # noqa: E402
+from trainer.toy import experiment as ex  # noqa: E402
+from trainer.toy.evaluators import load_evaluators  # noqa: E402
 
 
 def timed_run(workdir: Path, steps: int, every: int) -> tuple[float, int]:

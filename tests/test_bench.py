@@ -114,7 +114,7 @@ def test_class_images_and_the_capped_whole_run_report_every_phase(tmp_path, caps
     rows = [line for line in table.splitlines() if line.startswith("| SD1.5 | 7.6 | 8GB |")]
     phases = [(cells[3], cells[4]) for cells in (_cells(row) for row in rows)]
     assert phases == [("pick-token", "token probing"), ("train", "class images"), ("train", "photo encoding"),
-                      ("train", "previews"), ("train", "training"), ("train", "saving"), ("sample", "sampling")]
+                      ("train", "training"), ("train", "previews"), ("train", "saving"), ("sample", "sampling")]
 
 
 def test_reference_python_may_be_a_command_name(tmp_path):
