@@ -221,7 +221,7 @@ def test_a_run_gives_back_everything_it_put_on_the_device_phase_by_phase(tmp_pat
         "class images", "photo encoding", "training", "previews", "saving"]
     assert recorder.on_device == {}
     assert [line.split(":")[0] for line in log.lines if line.startswith("Phase ")] == [
-        "Phase class images", "Phase photo encoding", "Phase previews", "Phase training", "Phase saving"]
+        "Phase class images", "Phase photo encoding", "Phase training", "Phase previews", "Phase saving"]
 
 
 @pytest.fixture(scope="module")
