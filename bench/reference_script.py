@@ -35,6 +35,26 @@ def save_pipeline_folder(bundle, folder) -> Path:
     return folder
 
 
+def _training_flags(*, resolution: int, batch_size: int, steps: int, learning_rate: float, adam_weight_decay: float,
+                    max_grad_norm: float, seed: int) -> list[str]:
+    """The flags both diffusers scripts share: centre crops, fp32, AdamW at a constant learning rate, and no
+    intermediate accelerate states."""
+    return [
+        "--resolution", str(resolution),
+        "--center_crop",
+        "--train_batch_size", str(batch_size),
+        "--max_train_steps", str(steps),
+        "--learning_rate", repr(learning_rate),
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--adam_weight_decay", repr(adam_weight_decay),
+        "--max_grad_norm", repr(max_grad_norm),
+        "--seed", str(seed),
+        "--mixed_precision", "no",
+        "--checkpointing_steps", str(10 * steps + 1000),
+    ]
+
+
 def reference_args(model_dir, instance_dir, class_dir, output_dir, *, steps: int, learning_rate: float,
                    train_text_encoder: bool, resolution: int, num_class_images: int,
                    instance_prompt: str = "a zwx dog", class_prompt: str = "a dog", seed: int = 0,
@@ -50,18 +70,8 @@ def reference_args(model_dir, instance_dir, class_dir, output_dir, *, steps: int
         "--num_class_images", str(num_class_images),
         "--instance_prompt", instance_prompt,
         "--class_prompt", class_prompt,
-        "--resolution", str(resolution),
-        "--center_crop",
-        "--train_batch_size", "1",
-        "--max_train_steps", str(steps),
-        "--learning_rate", repr(learning_rate),
-        "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0",
-        "--adam_weight_decay", repr(adam_weight_decay),
-        "--max_grad_norm", repr(max_grad_norm),
-        "--seed", str(seed),
-        "--mixed_precision", "no",
-        "--checkpointing_steps", str(10 * steps + 1000),  # no intermediate accelerate states
+        *_training_flags(resolution=resolution, batch_size=1, steps=steps, learning_rate=learning_rate,
+                         adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm, seed=seed),
         "--output_dir", str(output_dir),
     ]
     if train_text_encoder:
@@ -130,18 +140,8 @@ def sdxl_reference_args(model_dir, train_data_dir, output_dir, *, steps: int, le
         "--train_data_dir", str(train_data_dir),
         "--image_column", "image",
         "--caption_column", "text",
-        "--resolution", str(resolution),
-        "--center_crop",
-        "--train_batch_size", str(batch_size),
-        "--max_train_steps", str(steps),
-        "--learning_rate", repr(learning_rate),
-        "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0",
-        "--adam_weight_decay", repr(adam_weight_decay),
-        "--max_grad_norm", repr(max_grad_norm),
-        "--seed", str(seed),
-        "--mixed_precision", "no",
-        "--checkpointing_steps", str(10 * steps + 1000),
+        *_training_flags(resolution=resolution, batch_size=batch_size, steps=steps, learning_rate=learning_rate,
+                         adam_weight_decay=adam_weight_decay, max_grad_norm=max_grad_norm, seed=seed),
         "--dataloader_num_workers", "0",
         "--output_dir", str(output_dir),
     ]

@@ -170,7 +170,7 @@ class DreamBoothTrain(io.ComfyNode):
         callbacks.send("done", output=name, steps=result.steps)
         samples = pil_to_image_batch(result.samples)
         limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
-        curve = evaluation_curve(result.evaluations, result.saved_step if result.evaluations else None, limit)
+        curve = evaluation_curve(result.evaluations, result.saved_step, limit)
         return io.NodeOutput(name, pil_to_image_batch([loss_curve(result.losses)]), samples,
                              pil_to_image_batch([curve]), ui=ui.PreviewImage(samples, cls=cls))
 

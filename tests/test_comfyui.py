@@ -162,13 +162,19 @@ class Messages:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
+def comfy_home(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A ComfyUI base directory with this pack linked into custom_nodes/, and its models/checkpoints folder."""
+    base = tmp_path_factory.mktemp(name)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "dreambooth_studio").symlink_to(REPO, target_is_directory=True)
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
+    return base, checkpoints
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base, checkpoints = comfy_home(tmp_path_factory, "comfy")
     configs = shipped_configs("sd1")
     torch.manual_seed(0)
     save_checkpoint(build_bundle("sd1", "epsilon", configs.unet, configs.vae, configs.text), checkpoints / BASE_MODEL,

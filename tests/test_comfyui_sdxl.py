@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from bench.models import random_bundle
-from tests.test_comfyui import COMFYUI_DIR, REPO, Server, errors
+from tests.test_comfyui import COMFYUI_DIR, Server, comfy_home, errors
 from tests.tiny import PHOTOS
 from trainer.checkpoint import read_metadata, save_checkpoint
 
@@ -40,11 +40,7 @@ UNUSED_BY_COMFYUI = re.compile(r"clip_[lg]\.logit_scale|clip_l\.transformer\.tex
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-sdxl")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "dreambooth_studio").symlink_to(REPO, target_is_directory=True)
-    checkpoints = base / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True)
+    base, checkpoints = comfy_home(tmp_path_factory, "comfy-sdxl")
     started = time.monotonic()
     bundle = random_bundle("sdxl", small=False, dtype=torch.float16)
     save_checkpoint(bundle, checkpoints / BASE_MODEL, {})  # no metadata of ours: as downloaded from anywhere

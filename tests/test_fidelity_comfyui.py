@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
 
-from tests.test_comfyui import COMFYUI_DIR, REPO, Server, errors, pytestmark  # noqa: F401 (pytestmark: the skip)
+from tests.test_comfyui import COMFYUI_DIR, Server, comfy_home, errors, pytestmark  # noqa: F401 (pytestmark: the skip)
 from trainer.image_processors import OPENAI_MEAN, OPENAI_STD
 
 pytestmark = [pytestmark, pytest.mark.slow]
@@ -45,9 +45,7 @@ def random_vit_l() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "dreambooth_studio").symlink_to(REPO, target_is_directory=True)
+    base, _ = comfy_home(tmp_path_factory, "comfy")
     (base / "models" / "clip_vision").mkdir(parents=True)
     save_file(random_vit_l(), base / "models" / "clip_vision" / CLIP_FILE)
     running = Server(base)

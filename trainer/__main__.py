@@ -174,6 +174,7 @@ def _priors(args) -> int:
 def _train(args) -> int:
     from .callbacks import TrainingCancelled
     from .loop import train
+    from .evaluation import BestStep
     from .plots import evaluation_curve
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     evaluation = None
@@ -192,9 +193,10 @@ def _train(args) -> int:
     except TrainingCancelled as cancelled:
         print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
-    if printer.evaluations:
+    if result.evaluations:
         curve = Path(result.output).with_suffix(".evaluation.png")
-        evaluation_curve(*printer.evaluations).save(curve)
+        pres_limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
+        evaluation_curve(result.evaluations, result.saved_step, pres_limit).save(curve)
         print(f"Scores of each evaluated step: {curve}")
     kept = f" (the weights of step {result.saved_step}, the best evaluated)" if result.saved_step != result.steps else ""
     print(f"Saved {result.output} after {result.steps} steps{kept}. Prompt with: {cfg.instance_prompt!r}")
@@ -320,7 +322,6 @@ class _ConsolePrinter:
     def __init__(self):
         self.stop = False
         self.bars: dict[str, Progress] = {}
-        self.evaluations = None  # (history, best step, PRES limit) once the run has evaluated
 
     def request_stop(self, *_):
         if self.stop:
@@ -347,7 +348,6 @@ class _ConsolePrinter:
         chosen = f"best so far: step {best.best.step}" if best.best else "the base model's baseline"
         pres = "n/a (needs a DINO model)" if scores.pres is None else f"{scores.pres:.3f}"
         self.log(f"Step {scores.step}: subject fidelity {scores.subject_fidelity:.3f}, PRES {pres} ({chosen})")
-        self.evaluations = (list(best.history), best.best.step if best.best else None, best.pres_limit)
 
     def log(self, message: str) -> None:
         self._interrupt_bars()

@@ -15,7 +15,6 @@ from .bundle import ModelBundle
 from .config import TrainConfig
 from .device import inference_dtype, resolve_device
 from .evaluation import Evaluation
-from .measure import EmbeddingScorer, load_embedders
 from .models import load_model
 from .phases import PROBING, SAMPLING, Phase
 from .priors import make_class_priors
@@ -79,6 +78,7 @@ def evaluation_with_models(cfg: TrainConfig, photos: list, model_sources: list[s
     DINO (subject fidelity and PRES, as the paper), else CLIP-I (subject fidelity only; without PRES no step is ruled
     out for drift), against the subject's `photos` (PIL). Raises ValueError (EmbedderError) naming what to put where
     when there is no model."""
+    from .measure import EmbeddingScorer, load_embedders  # transformers' vision models: only when evaluating
     scorer = EmbeddingScorer(load_embedders(model_sources, home=home))
     return Evaluation.in_contexts(scorer, photos, f"{cfg.identifier} {cfg.class_noun}", cfg.class_prompt,
                                   cfg.evaluation_prompts)

@@ -26,6 +26,12 @@ class Conditioning:
         return Conditioning(self.states.to(*args, **kwargs),
                             None if self.pooled is None else self.pooled.to(*args, **kwargs))
 
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = [part.pooled for part in parts]
+        return Conditioning(torch.cat([part.states for part in parts]),
+                            None if pooled[0] is None else torch.cat(pooled))
+
     def unet_kwargs(self, time_ids: torch.Tensor | None = None) -> dict:
         """Keyword arguments for UNet2DConditionModel.forward; SDXL also needs each row's time ids ([n, 6])."""
         if self.pooled is None:

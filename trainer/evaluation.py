@@ -56,10 +56,6 @@ class Evaluation:
         return cls(scorer, photos, list(prompts) or [context.format(subject=subject) for context in CONTEXTS],
                    class_prompt)
 
-    @property
-    def image_count(self) -> int:
-        return (len(self.prompts) + 1) * len(self.seeds)
-
     def score(self, step: int, draw: Callable[[list[str], list[int]], list[Image.Image]]) -> StepScores:
         """Draw the samples with draw(prompts, seeds) (one image per pair, in one call) and score them."""
         prompts = [prompt for prompt in (*self.prompts, self.class_prompt) for _ in self.seeds]

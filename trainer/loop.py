@@ -217,7 +217,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
         with speed.compile_help(cfg.compile_unet):
             with _autocast(device, precision, cache_casts=False):
                 cond = text.states(len(items), latents.with_prior)
-                pred = unet(noisy, timesteps, **cond.unet_kwargs(latents.time_ids(items))).sample
+                time_ids = latents.time_ids(items) if bundle.spec.is_xl else None  # (no per-step indexing for SD)
+                pred = unet(noisy, timesteps, **cond.unet_kwargs(time_ids)).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)

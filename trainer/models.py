@@ -64,18 +64,20 @@ def build_bundle(family: str, prediction_type: str, unet_config: dict, vae_confi
     if spec.is_xl and text_config_2 is None:
         raise ValueError("an SDXL bundle needs text_config_2 (its OpenCLIP ViT-bigG text encoder)")
     encoders = [_text_model(slot, config) for slot, config in zip(spec.text_encoders, text_configs)]
-    return ModelBundle(
-        unet=UNet2DConditionModel.from_config(unet_config),
-        vae=AutoencoderKL.from_config(vae_config),
-        text_encoder=encoders[0],
-        tokenizer=load_tokenizer(family),
-        noise_scheduler=make_noise_scheduler(prediction_type, zero_terminal_snr),
-        family=family,
-        source_name=source_name,
-        source_hash=source_hash,
-        text_encoder_2=encoders[1] if spec.is_xl else None,
-        tokenizer_2=load_tokenizer(family, "tokenizer_2") if spec.is_xl else None,
-    )
+    return _bundle(UNet2DConditionModel.from_config(unet_config), AutoencoderKL.from_config(vae_config), encoders,
+                   spec, prediction_type, zero_terminal_snr, source_name, source_hash, {})
+
+
+def _bundle(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoders: list, spec: Family, prediction_type: str,
+            zero_terminal_snr: bool, source_name: str, source_hash: str,
+            passthrough: dict[str, torch.Tensor]) -> ModelBundle:
+    """The modules as a ModelBundle, with the family's tokenizers and the training noise schedule."""
+    tokenizers = [load_tokenizer(spec.name, slot.tokenizer) for slot in spec.text_encoders]
+    return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+                       noise_scheduler=make_noise_scheduler(prediction_type, zero_terminal_snr), family=spec.name,
+                       source_name=source_name, source_hash=source_hash, passthrough=passthrough,
+                       text_encoder_2=text_encoders[1] if spec.is_xl else None,
+                       tokenizer_2=tokenizers[1] if spec.is_xl else None)
 
 
 # --- loading a base model ----------------------------------------------------------------------------------------
@@ -385,8 +387,5 @@ def _assemble(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoders: lis
               passthrough: dict[str, torch.Tensor]) -> ModelBundle:
     for module in (unet, vae, *text_encoders):
         module.eval()
-    return ModelBundle(unet=unet, vae=vae, text_encoder=text_encoders[0], tokenizer=load_tokenizer(spec.name),
-                       noise_scheduler=make_noise_scheduler(prediction_type, zero_terminal_snr), family=spec.name,
-                       source_name=source_name, source_hash=source_hash, passthrough=passthrough,
-                       text_encoder_2=text_encoders[1] if spec.is_xl else None,
-                       tokenizer_2=load_tokenizer(spec.name, "tokenizer_2") if spec.is_xl else None)
+    return _bundle(unet, vae, text_encoders, spec, prediction_type, zero_terminal_snr, source_name, source_hash,
+                   passthrough)

@@ -15,14 +15,21 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def loss_curve(losses: list[float], width: int = 512, height: int = 256) -> Image.Image:
-    """Per-step loss (thin) and its moving average (bold), steps on x, loss on y."""
+def _frame(width: int, height: int) -> tuple[Image.Image, ImageDraw.ImageDraw, tuple[int, int, int, int]]:
+    """A dark chart with five grid lines, its drawing handle and the plot box (left, top, right, bottom); the title
+    goes above the box."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 8, 22, width - 8, height - 8
     for i in range(5):
         y = top + (bottom - top) * i / 4
         draw.line([(left, y), (right, y)], fill=GRID)
+    return image, draw, (left, top, right, bottom)
+
+
+def loss_curve(losses: list[float], width: int = 512, height: int = 256) -> Image.Image:
+    """Per-step loss (thin) and its moving average (bold), steps on x, loss on y."""
+    image, draw, (left, top, right, bottom) = _frame(width, height)
     if not losses:
         draw.text((left, 4), "no steps yet", fill=TEXT)
         return image
@@ -47,12 +54,7 @@ def evaluation_curve(history, best_step: int | None, pres_limit: float | None, w
                      height: int = 256) -> Image.Image:
     """Subject fidelity (green, up is better) and PRES (red, down is better) at each evaluated step, the PRES limit
     (dashed) and the best step (a yellow line): why the saved step was chosen. `history`: StepScores in step order."""
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 8, 22, width - 8, height - 8
-    for i in range(5):
-        y = top + (bottom - top) * i / 4
-        draw.line([(left, y), (right, y)], fill=GRID)
+    image, draw, (left, top, right, bottom) = _frame(width, height)
     if not history:
         draw.text((left, 4), "no evaluations yet", fill=TEXT)
         return image

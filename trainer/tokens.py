@@ -247,13 +247,7 @@ def encode_prompts(bundle, prompts: list[str], batch_size: int) -> Conditioning:
     ids = tokenize(bundle, prompts)
     chunks = [encode(bundle, [encoder_ids[start:start + batch_size] for encoder_ids in ids])
               for start in range(0, len(prompts), batch_size)]
-    return concatenated(chunks)
-
-
-def concatenated(parts: list[Conditioning]) -> Conditioning:
-    pooled = [part.pooled for part in parts]
-    return Conditioning(torch.cat([part.states for part in parts]),
-                        None if pooled[0] is None else torch.cat(pooled))
+    return Conditioning.cat(chunks)
 
 
 def text_shift(reference: torch.Tensor, shifted: torch.Tensor, class_start: int, inserted: int) -> float:
@@ -271,7 +265,7 @@ def denoiser_shifts(bundle, reference: torch.Tensor, states: torch.Tensor, *, se
     latents, timesteps = probe_latents(bundle, seed, latent_size)
     # One pass over reference and candidates keeps the UNet batches the same shape (CPU backends re-plan per shape).
     class_prediction, empty_prediction, *predictions = predict(bundle.unet, latents, timesteps,
-                                                               concatenated([reference, states]), batch_size)
+                                                               Conditioning.cat([reference, states]), batch_size)
     scale = (class_prediction - empty_prediction).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
     return [((prediction - class_prediction).pow(2).sum() / scale).sqrt().item() for prediction in predictions]
 
