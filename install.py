@@ -1,31 +1,104 @@
-"""Run by ComfyUI-Manager after it installs requirements.txt (and usable by hand: python install.py).
+"""Run at launch by the Automatic1111 / Forge WebUI (through its launcher), by ComfyUI-Manager after it installs
+requirements.txt, or by hand (python install.py).
 
-It installs nothing (ComfyUI-Manager installs requirements.txt itself, and the Comfy Registry's rules forbid running
-pip from a node pack); it checks what the pack needs with the Python that runs ComfyUI and says what to do.
+- In the WebUI: installs the packages of requirements.txt that are missing, with the WebUI's own helpers
+  (launch.is_installed, launch.run_pip), never torch (the WebUI's own). A package the WebUI already has in an older
+  version is not upgraded (the WebUI pins its versions and would put its own back at the next launch): it is named,
+  with what to do.
+- Elsewhere (ComfyUI-Manager, by hand): installs nothing (ComfyUI-Manager installs requirements.txt itself, and the
+  Comfy Registry's rules forbid running pip from a node pack); it checks what the pack needs with the Python that runs
+  ComfyUI and says what to do.
 """
+import importlib.metadata
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
-REQUIRED = {"torch": "torch", "diffusers": "diffusers", "transformers": "transformers", "safetensors": "safetensors",
-            "PIL": "pillow", "numpy": "numpy"}
+REQUIREMENTS = Path(__file__).with_name("requirements.txt")
+NEVER_INSTALLED = {"torch", "torchvision", "torchaudio"}  # the host's own build for its GPU
+IMPORT_NAMES = {"pillow": "PIL"}
 
 
-def main() -> int:
-    missing = [package for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
+def requirements() -> list[tuple[str, str, str]]:
+    """(package, minimum version or "", the line) for each line of requirements.txt."""
+    parsed = []
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(?:>=\s*([0-9][0-9.]*))?", line)
+        if match:
+            parsed.append((match.group(1).lower(), match.group(2) or "", line))
+    return parsed
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def webui_launcher():
+    """The WebUI's launch module when the WebUI runs this file (it puts its folder on the path), else None."""
+    if importlib.util.find_spec("launch") is None:
+        return None
+    import launch
+
+    return launch if hasattr(launch, "run_pip") and hasattr(launch, "is_installed") else None
+
+
+def too_old(package: str, minimum: str, have: str) -> str:
+    return (f"[DreamBooth Studio] {package} {have} is older than the {minimum} it needs. The WebUI pins {package}, so "
+            f"it is not upgraded here; update the WebUI, or run {sys.executable} -m pip install '{package}>={minimum}' "
+            "if you accept the WebUI's warning about it.")
+
+
+def install_in_webui(launch) -> int:
+    problems = 0
+    for package, minimum, line in requirements():
+        if package in NEVER_INSTALLED:
+            continue
+        have = installed_version(package)
+        if have is None:
+            launch.run_pip(f"install {line}", f"{package} for DreamBooth Studio")
+        elif minimum and version_tuple(have) < version_tuple(minimum):
+            print(too_old(package, minimum, have))
+            problems += 1
+    return 1 if problems else 0
+
+
+def check_only() -> int:
+    missing = [package for package, _, _ in requirements()
+               if importlib.util.find_spec(IMPORT_NAMES.get(package, package)) is None]
     if missing:
-        requirements = Path(__file__).with_name("requirements.txt")
         print(f"[DreamBooth Studio] missing: {', '.join(missing)}. Install them into ComfyUI's Python: "
-              f"{sys.executable} -m pip install -r {requirements}"
-              + (" (torch: install ComfyUI's own first)" if "torch" in missing else ""))
+              f"{sys.executable} -m pip install -r {REQUIREMENTS}")
         return 1
+    if importlib.util.find_spec("torch") is None:
+        print("[DreamBooth Studio] torch is missing: install ComfyUI's own first.")
+        return 1
+    return 0
+
+
+def check_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401  (a broken CUDA build raises more than ImportError)
         print("[DreamBooth Studio] 8-bit AdamW (bitsandbytes) is available.")
     except Exception as error:
         print(f"[DreamBooth Studio] bitsandbytes does not load ({error}); choose optimizer 'adamw' "
               "(more memory) or reinstall bitsandbytes for your CUDA version.")
-    return 0
+
+
+def main() -> int:
+    launch = webui_launcher()
+    status = install_in_webui(launch) if launch else check_only()
+    if status == 0:
+        check_bitsandbytes()
+    return status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 from comfy_api.latest import io
 
 from . import comfy_hooks
-from .comfy_io import pil_to_image_batch, plain_errors, require_class_noun
+from ..trainer.hosts import require_class_noun
+from .comfy_io import pil_to_image_batch, plain_errors
 
 CATEGORY = "DreamBooth"
 

@@ -11,7 +11,8 @@ import folder_paths
 from server import PromptServer
 
 from ..trainer.callbacks import Callbacks, StepInfo
-from .comfy_io import StepLog, node_message
+from ..trainer.hosts import StepLog
+from .comfy_io import node_message
 
 Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/

@@ -4,15 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..trainer.hosts import in_host_words
 
 
 def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -42,31 +42,16 @@ def folder_fingerprint(folder: str) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def require_class_noun(value: str) -> str:
-    """The class noun as the prompts use it; an empty one would make the class prompt 'a' and train on nothing."""
-    noun = " ".join(value.split())
-    if not noun:
-        raise ValueError("class_noun is empty: type what the subject is, e.g. 'dog', 'backpack' or 'man' (the "
-                         "prompts become 'a [identifier] dog' and 'a dog').")
-    return noun
-
-
 # --- errors as a node user reads them -----------------------------------------------------------------------------
 
-# The engine's messages name its settings and, now and then, a command; a node user sees inputs and nodes.
-_COMMAND = re.compile(r"`python -m trainer ([\w-]+)`(?: or (the [\w ]+? node))?")
-_COMMAND_NODES = {"pick-token": "the Pick Rare Token node"}
-_PACK = __name__.removesuffix("nodes.comfy_io")  # "<pack folder>." inside ComfyUI, "" in the tests
+NODE_COMMANDS = {"pick-token": "the Pick Rare Token node"}
+_PACK = __name__.removesuffix("nodes.comfy_io")  # "<pack folder>." inside ComfyUI and in the tests
 
 
 def node_message(message: str, renames: dict[str, str]) -> str:
-    """`message` in a node's words: each engine setting (`max_train_steps` or `--max-train-steps`) named as the node
-    input in `renames`, and `python -m trainer pick-token` as the node that does the same."""
-    message = _COMMAND.sub(lambda m: m.group(2) or _COMMAND_NODES.get(m.group(1), m.group(0)), message)
-    for setting, name in renames.items():
-        flag = "--" + setting.replace("_", "-")
-        message = re.sub(rf"(?<![\w-])(?:{re.escape(setting)}|{re.escape(flag)})(?![\w-])", name, message)
-    return message
+    """`message` in a node's words: each engine setting named as the node input in `renames`, and
+    `python -m trainer pick-token` as the node that does the same."""
+    return in_host_words(message, renames, NODE_COMMANDS)
 
 
 @contextmanager
@@ -92,33 +77,3 @@ def plain_errors(renames: dict[str, str]) -> Iterator[None]:
         except TypeError:  # a builtin that takes more than a message (UnicodeDecodeError...)
             replacement = RuntimeError(message)
         raise replacement from error
-
-
-# --- the training log ----------------------------------------------------------------------------------------------
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-class StepLog:
-    """Which training steps get a line in the server log: the first, the last, and then one every `every_steps` steps
-    or `every_s` seconds, whichever comes first; so a headless run shows it is alive without flooding the log."""
-
-    def __init__(self, every_steps: int = 10, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self.every_steps, self.every_s, self.clock = every_steps, every_s, clock
-        self.last_step: int | None = None
-        self.last_time = 0.0
-
-    def line(self, info) -> str | None:
-        """A log line for this step (a trainer.callbacks.StepInfo), or None when it is not due."""
-        now = self.clock()
-        due = (self.last_step is None or info.step >= info.total or info.step - self.last_step >= self.every_steps
-               or now - self.last_time >= self.every_s)
-        if not due:
-            return None
-        self.last_step, self.last_time = info.step, now
-        return (f"Step {info.step}/{info.total}: loss {info.loss:.4f} (instance {info.instance_loss:.4f}, prior "
-                f"{info.prior_loss:.4f}), learning rate {info.lr:.2g}, {_duration(info.elapsed_s)} elapsed, about "
-                f"{_duration(info.eta_s)} left")

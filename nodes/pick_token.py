@@ -1,7 +1,8 @@
 from comfy_api.latest import io, ui
 
 from . import comfy_hooks
-from .comfy_io import plain_errors, require_class_noun
+from ..trainer.hosts import require_class_noun
+from .comfy_io import plain_errors
 
 CATEGORY = "DreamBooth"
 

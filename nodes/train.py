@@ -3,7 +3,8 @@ from comfy_api.latest import io, ui
 from ..trainer.config import ATTENTIONS, OPTIMIZERS, PRECISIONS  # light modules: no torch at registration
 from ..trainer.presets import PRESET_NAMES
 from . import comfy_hooks
-from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch, plain_errors, require_class_noun
+from ..trainer.hosts import require_class_noun
+from .comfy_io import folder_fingerprint, image_batch_to_pil, pil_to_image_batch, plain_errors
 
 CATEGORY = "DreamBooth"
 

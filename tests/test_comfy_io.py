@@ -6,15 +6,21 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes.comfy_io import (StepLog, folder_fingerprint, image_batch_to_pil, node_message, pil_to_image_batch,
-                            plain_errors, require_class_noun)
-from trainer.callbacks import StepInfo, TrainingCancelled
-from trainer.checkpoint import read_trigger_phrase, save_checkpoint
-from trainer.config import ConfigError, TrainConfig
-from trainer.dataset import ImageError
-from trainer.phases import OutOfMemory
-from trainer.tokens import PICK_ADVICE
+from tests.pack import pack_module
 from tests.tiny import tiny_bundle
+from trainer.callbacks import StepInfo
+from trainer.checkpoint import read_trigger_phrase, save_checkpoint
+
+comfy_io = pack_module("nodes.comfy_io")
+image_batch_to_pil, pil_to_image_batch, folder_fingerprint = (comfy_io.image_batch_to_pil, comfy_io.pil_to_image_batch,
+                                                              comfy_io.folder_fingerprint)
+node_message, plain_errors = comfy_io.node_message, comfy_io.plain_errors
+ConfigError, TrainConfig = pack_module("trainer.config").ConfigError, pack_module("trainer.config").TrainConfig
+ImageError = pack_module("trainer.dataset").ImageError
+OutOfMemory = pack_module("trainer.phases").OutOfMemory
+TrainingCancelled = pack_module("trainer.callbacks").TrainingCancelled
+PICK_ADVICE = pack_module("trainer.tokens").PICK_ADVICE
+require_class_noun, StepLog = pack_module("trainer.hosts").require_class_noun, pack_module("trainer.hosts").StepLog
 
 
 def test_image_batches_round_trip_exactly_through_pil():

@@ -1,5 +1,6 @@
-"""The engine stands alone: trainer/ never imports ComfyUI, and imports itself relatively so the pack works both as
-`python -m trainer` and as a package inside ComfyUI's custom_nodes."""
+"""The engine stands alone: trainer/ imports neither host (ComfyUI, the A1111/Forge WebUI), and imports itself
+relatively so the pack works as `python -m trainer`, as a package inside ComfyUI's custom_nodes and as the WebUI's
+extension. Neither host's adapter (nodes/, a1111/) imports the other host or the other adapter."""
 import ast
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
                  "execution", "latent_preview"}
+WEBUI_MODULES = {"modules", "launch", "gradio", "fastapi", "starlette", "a1111", "scripts"}
 
 
 def imported_modules(path: Path) -> list[tuple[str, int]]:
@@ -24,14 +26,27 @@ def imported_modules(path: Path) -> list[tuple[str, int]]:
 def test_engine_imports_no_comfyui_and_itself_relatively(path):
     for name, level in imported_modules(path):
         top = name.split(".")[0]
-        assert level or top not in COMFY_MODULES, f"{path.name} imports {name}"
+        assert level or top not in COMFY_MODULES | WEBUI_MODULES, f"{path.name} imports {name}"
         assert level or top != "trainer", f"{path.name} imports {name} absolutely; use a relative import"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "nodes").glob("*.py")), ids=lambda p: p.name)
-def test_nodes_reach_the_engine_through_the_package(path):
+@pytest.mark.parametrize("path", sorted((ROOT / "nodes").glob("*.py")) + sorted((ROOT / "a1111").glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_hosts_adapter_reaches_the_engine_through_the_package_and_not_the_other_host(path):
+    other_host = WEBUI_MODULES - {"gradio", "fastapi", "starlette"} if path.parent.name == "nodes" else COMFY_MODULES
     for name, level in imported_modules(path):
-        assert not (level == 0 and name.split(".")[0] == "trainer"), f"{path.name} imports {name} absolutely"
+        top = name.split(".")[0]
+        assert not (level == 0 and top == "trainer"), f"{path.name} imports {name} absolutely"
+        assert level or top not in other_host, f"{path.parent.name}/{path.name} imports the other host's {name}"
+        other_adapter = "a1111" if path.parent.name == "nodes" else "nodes"
+        assert not (level and (name.split(".")[0] == other_adapter or name.startswith(f"{other_adapter}."))), \
+            f"{path.parent.name}/{path.name} imports the other adapter ({name})"
+
+
+def test_the_webui_entry_loads_the_pack_by_its_own_name_and_nothing_of_comfyui():
+    entry = ROOT / "scripts" / "dreambooth_studio.py"
+    assert sorted((ROOT / "scripts").glob("*.py")) == [entry]  # the WebUI runs every .py there
+    assert not {name.split(".")[0] for name, _ in imported_modules(entry)} & COMFY_MODULES
 
 
 def test_pack_entry_imports_nothing_heavy_at_import_time():

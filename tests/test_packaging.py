@@ -18,13 +18,70 @@ def test_pyproject_and_requirements_list_the_same_dependencies():
     assert not any(line.startswith(("torch", "torchvision", "torchaudio")) for line in requirements)  # ComfyUI's own
 
 
-def test_install_py_runs_no_pip_and_no_subprocess():
+def test_install_py_runs_no_pip_of_its_own_and_no_subprocess():
     tree = ast.parse((REPO / "install.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
                                              if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"subprocess", "pip", "os"}  # (os.system would be a subprocess too)
     assert "pip install" in (REPO / "install.py").read_text()  # it says what to run instead
+
+
+def load_installer(monkeypatch, launch=None):
+    """install.py as the host runs it: the WebUI's launcher puts a `launch` module on the path; ComfyUI has none."""
+    import importlib.util
+    import sys
+    import types
+
+    if launch is not None:
+        monkeypatch.setitem(sys.modules, "launch", launch)
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, real=importlib.util.find_spec:
+                            types.SimpleNamespace() if name == "launch" else real(name, *a))
+    spec = importlib.util.spec_from_file_location("dreambooth_install", REPO / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeLauncher:
+    """The WebUI's launch module: is_installed and run_pip (which records what it is asked)."""
+
+    def __init__(self):
+        self.pip = []
+
+    def is_installed(self, package):
+        raise AssertionError("install.py decides by version, not by is_installed")
+
+    def run_pip(self, command, desc=None):
+        self.pip.append(command)
+
+
+def test_in_the_webui_only_the_missing_packages_are_installed_and_never_torch(monkeypatch, capsys):
+    launcher = FakeLauncher()
+    installer = load_installer(monkeypatch, launcher)
+    versions = {"diffusers": None, "transformers": "4.30.2", "safetensors": "0.4.2", "pillow": "9.5.0",
+                "numpy": "1.26.2", "bitsandbytes": None}
+    monkeypatch.setattr(installer, "installed_version", lambda package: versions[package])
+    monkeypatch.setattr(installer, "check_bitsandbytes", lambda: None)
+    status = installer.main()
+    lines = {package: line for package, _, line in installer.requirements()}
+    assert launcher.pip == [f"install {lines['diffusers']}", f"install {lines['bitsandbytes']}"]
+    assert not any("torch" in command for command in launcher.pip)
+    old = {package for package, minimum, _ in installer.requirements()
+           if minimum and versions[package] and installer.version_tuple(versions[package])
+           < installer.version_tuple(minimum)}
+    out = capsys.readouterr().out
+    assert status == (1 if old else 0) and all(f"{package} {versions[package]} is older" in out for package in old)
+
+
+def test_under_comfyui_manager_it_installs_nothing_and_says_what_to_run(monkeypatch, capsys):
+    installer = load_installer(monkeypatch)
+    assert installer.webui_launcher() is None
+    monkeypatch.setattr(installer.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("diffusers", "launch") else object())
+    assert installer.main() == 1
+    out = capsys.readouterr().out
+    assert "missing: diffusers" in out and "-m pip install -r" in out
 
 
 def test_tests_and_benchmarks_are_not_published():

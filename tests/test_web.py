@@ -43,6 +43,15 @@ def test_web_file_is_valid_es_module_syntax(path: Path):
     assert result.returncode == 0, f"{path.relative_to(ROOT)}:\n{result.stderr}"
 
 
+@needs_node
+def test_the_webui_script_is_valid_classic_script_syntax():
+    """The WebUI loads javascript/*.js as classic scripts (not modules): no top-level import or export."""
+    path = ROOT / "javascript" / "dreambooth_studio.js"
+    result = run_node("--check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert not re.search(r"^\s*(import|export)\s", path.read_text(encoding="utf-8"), re.M)
+
+
 IMPORT = re.compile(r"""(?:\bfrom\s*|\bimport\s*\(?\s*)["']([^"']+)["']""")
 
 

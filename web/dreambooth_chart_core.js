@@ -239,3 +239,33 @@ export function headerLines(run) {
   if (run.progress) return [progressText(run.progress), status];
   return [run.statusText || "waiting for a run", ""];
 }
+
+// ---------- the WebUI tab's run ----------
+
+/**
+ * Apply one event of a polled run (the WebUI API's /dreambooth/v1/run, trainer/background.py): "start" begins a new
+ * history, "progress"/"status"/"done" are the ComfyUI messages' shapes, "phase" (class images) and the run's last
+ * word ("stopped", "error") show as the status line. Other events ("samples", "saved", "evaluation") are the page's.
+ */
+export function applyRunEvent(run, event) {
+  switch (event.type) {
+    case "start":
+      resetRun(run, 0);
+      applyStatus(run, { text: event.text || "starting" });
+      break;
+    case "progress":
+      applyProgress(run, event);
+      break;
+    case "phase":
+      applyStatus(run, { text: `${event.what}: ${event.done}/${event.total}` });
+      break;
+    case "status":
+    case "stopped":
+    case "error":
+      applyStatus(run, event);
+      break;
+    case "done":
+      applyDone(run, event);
+      break;
+  }
+}

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import {
-  MAX_POINTS, addPoint, applyDone, applyProgress, applyStatus, createRun, decimate, ema, emaStep, emaValue,
+  MAX_POINTS, addPoint, applyDone, applyProgress, applyRunEvent, applyStatus, createRun, decimate, ema, emaStep, emaValue,
   formatAxis, formatDuration, formatLoss, formatLr, halve, headerLines, isNewRun, lossRange, matchRunKey,
   progressText, quantile, scale,
 } from "../../web/dreambooth_chart_core.js";
@@ -241,5 +241,33 @@ describe("status text", () => {
     applyProgress(run, { node: "7", step: 1, total: 400, loss: 0.3, lr: 2e-6, eta_s: 10 });
     assert.equal(run.done, null);
     assert.equal(run.points.length, 1);
+  });
+});
+
+describe("applyRunEvent (the WebUI tab's polled run, trainer/background.py's events)", () => {
+  test("a run's events in order: start, class images, steps, stop, restart", () => {
+    const run = createRun();
+    applyRunEvent(run, { seq: 1, type: "start", text: "Training 'zwx dog'" });
+    assert.deepEqual(headerLines(run), ["Training 'zwx dog'", ""]);
+    applyRunEvent(run, { seq: 2, type: "phase", what: "Class images", done: 3, total: 200 });
+    assert.deepEqual(headerLines(run), ["Class images: 3/200", ""]);
+    [0.5, 0.25].forEach((loss, i) => applyRunEvent(run, { type: "progress", ...progress(i + 1, loss, { total: 4 }) }));
+    assert.deepEqual(run.points.map((p) => p.loss), [0.5, 0.25]);
+    applyRunEvent(run, { type: "samples", step: 2, count: 1 }); // the page's, not the chart's
+    assert.equal(run.points.length, 2);
+    applyRunEvent(run, { type: "stopped", step: 2, text: "Stopped at step 2" });
+    assert.equal(headerLines(run)[1], "Stopped at step 2");
+    applyRunEvent(run, { type: "start", text: "again" }); // Train again: a new history
+    assert.equal(run.points.length, 0);
+    applyRunEvent(run, { type: "progress", ...progress(3, 0.2, { total: 4 }) });
+    applyRunEvent(run, { type: "done", output: "zwx-dog.safetensors", steps: 4 });
+    assert.equal(headerLines(run)[0], "done · 4 steps · zwx-dog.safetensors");
+  });
+
+  test("an error is the status line", () => {
+    const run = createRun();
+    applyRunEvent(run, { type: "start", text: "" });
+    applyRunEvent(run, { type: "error", text: "Steps: 0 must be at least 1" });
+    assert.deepEqual(headerLines(run), ["Steps: 0 must be at least 1", ""]);
   });
 });

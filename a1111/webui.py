@@ -1,0 +1,63 @@
+"""The WebUI's side of a run (Automatic1111 1.x, and Forge where it keeps the same modules): its checkpoint list and
+folders, its device, and its loaded model, which leaves the GPU while the engine works."""
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from modules import devices, paths, sd_models, shared
+
+OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/Stable-diffusion/dreambooth/
+EVALUATORS = "dreambooth_evaluators"  # DINO / CLIP models for evaluate_every, as the ComfyUI nodes' folder
+
+
+class WebUI:
+    def checkpoint_names(self) -> list[str]:
+        """The titles of the WebUI's checkpoint list, as its own checkpoint menu shows them."""
+        return sorted(sd_models.checkpoints_list)
+
+    def checkpoint_path(self, name: str) -> str:
+        info = sd_models.checkpoints_list.get(name) or sd_models.get_closet_checkpoint_match(name)
+        if info is None:
+            raise ValueError(f"Base checkpoint '{name}' is not in the WebUI's checkpoint list: choose one from the "
+                             "list (press its refresh button after adding files to models/Stable-diffusion).")
+        return info.filename
+
+    def checkpoint_title(self, path: str) -> str:
+        match = next((info.title for info in sd_models.checkpoints_list.values()
+                      if os.path.abspath(info.filename) == os.path.abspath(path)), None)
+        return match or Path(path).name
+
+    def refresh_checkpoints(self) -> None:
+        sd_models.list_models()
+
+    def output_folder(self) -> Path:
+        return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path) / OUTPUT_SUBFOLDER
+
+    def work_folder(self) -> Path:
+        """Uploaded photos and cached class images, beside the WebUI's other outputs."""
+        return Path(paths.data_path) / "outputs" / "dreambooth"
+
+    def evaluator_folders(self) -> list[Path]:
+        return [Path(paths.models_path) / EVALUATORS]
+
+    def device(self) -> str:
+        return str(devices.device)
+
+    @contextmanager
+    def gpu_borrowed(self) -> Iterator[None]:
+        """The WebUI's loaded model off the GPU while the engine works, and back afterwards (also after an error)."""
+        model = sd_models.model_data.sd_model  # not shared.sd_model: reading it loads a model when none is
+        if model is not None:
+            sd_models.send_model_to_cpu(model)
+        devices.torch_gc()
+        try:
+            yield
+        finally:
+            gc.collect()
+            devices.torch_gc()
+            if model is not None:
+                sd_models.send_model_to_device(model)
