@@ -17,6 +17,10 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).with_name("requirements.txt")
 NEVER_INSTALLED = {"torch", "torchvision", "torchaudio"}  # the host's own build for its GPU
+# diffusers does not declare which transformers it needs: the newest releases import transformers classes that an
+# older one lacks (0.32-0.36 SiglipImageProcessor, from 4.37; 0.37 Dinov2WithRegistersConfig, from 4.48). The
+# A1111 WebUI 1.10 pins transformers 4.30.2, so it gets the newest diffusers that imports beside it.
+DIFFUSERS_CAPS = (((4, 37), "<0.32"), ((4, 48), "<0.37"))
 IMPORT_NAMES = {"pillow": "PIL"}
 
 
@@ -57,6 +61,12 @@ def too_old(package: str, minimum: str, have: str) -> str:
             "if you accept the WebUI's warning about it.")
 
 
+def diffusers_cap() -> str:
+    """The diffusers version bound that the installed transformers can import, or ""."""
+    transformers = installed_version("transformers")
+    return next((cap for below, cap in DIFFUSERS_CAPS if transformers and version_tuple(transformers) < below), "")
+
+
 def install_in_webui(launch) -> int:
     problems = 0
     for package, minimum, line in requirements():
@@ -64,7 +74,9 @@ def install_in_webui(launch) -> int:
             continue
         have = installed_version(package)
         if have is None:
-            launch.run_pip(f"install {line}", f"{package} for DreamBooth Studio")
+            spec = f"{line},{diffusers_cap()}" if package == "diffusers" and diffusers_cap() else line
+            print(f"[DreamBooth Studio] installing {spec} with the WebUI's pip")
+            launch.run_pip(f'install "{spec}"', f"{package} for DreamBooth Studio")
         elif minimum and version_tuple(have) < version_tuple(minimum):
             print(too_old(package, minimum, have))
             problems += 1

@@ -75,9 +75,9 @@ FIELDS = (
 )
 DEFAULTS = {f.name: f.default for f in FIELDS}
 LABELS = {f.name: f.label for f in FIELDS}
-# The engine's setting names -> the tab's labels, for its messages (as the nodes rename them to their inputs).
-RENAMES = {**{f.setting: f.label for f in FIELDS if f.setting not in ("output", "sample_prompts")},
-           "sample_prompts": LABELS["sample_prompt"], "output:": f"{LABELS['output_name']}:"}
+# The engine's setting names -> the tab's labels, for its messages (as the nodes rename them to their inputs). Only
+# names that cannot be plain words ("max_train_steps"): "seed" or "optimizer" in a sentence stay as they are.
+RENAMES = {**{f.setting: f.label for f in FIELDS if "_" in f.setting}, "output:": f"{LABELS['output_name']}:"}
 COMMANDS = {"pick-token": "the Pick rare token button"}
 
 

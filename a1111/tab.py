@@ -19,22 +19,25 @@ def build(host: session.Host) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Row():
-                    widgets["ckpt_name"] = _widget(form.FIELDS[0], choices=host.checkpoint_names())
+                    widgets["ckpt_name"] = _widget(fields("ckpt_name")[0], choices=host.checkpoint_names())
                     refresh = gr.Button("🔄", elem_id="dreambooth_refresh", scale=0, min_width=40)
                 photos = gr.File(label="Photos of your subject (3-5)", file_count="multiple", file_types=["image"],
                                  elem_id="dreambooth_photos")
-                for spec in form.FIELDS[1:4]:
+                for spec in fields("instance_folder", "identifier", "class_noun"):
                     widgets[spec.name] = _widget(spec)
                 pick = gr.Button("Pick rare token", elem_id="dreambooth_pick")
                 ranked = gr.HTML(elem_id="dreambooth_ranked")
+                for spec in fields("output_name", "steps"):
+                    widgets[spec.name] = _widget(spec)
                 with gr.Accordion("Training settings", open=False):
-                    for spec in form.FIELDS[4:]:
-                        widgets[spec.name] = _widget(spec)
+                    for spec in form.FIELDS:
+                        if spec.name not in widgets:
+                            widgets[spec.name] = _widget(spec)
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id="dreambooth_train")
                     stop = gr.Button("Stop", elem_id="dreambooth_stop")
                 message = gr.HTML(elem_id="dreambooth_message")
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, elem_id="dreambooth_live_column"):
                 gr.HTML(LIVE_PANEL)
 
         names = list(widgets)
@@ -69,6 +72,10 @@ def build(host: session.Host) -> gr.Blocks:
                    outputs=[widgets["identifier"], ranked])
         refresh.click(lambda: gr.update(choices=host.checkpoint_names()), outputs=[widgets["ckpt_name"]])
     return tab
+
+
+def fields(*names: str) -> list[form.Field]:
+    return [spec for spec in form.FIELDS if spec.name in names]
 
 
 def _widget(spec: form.Field, choices: list | None = None):

@@ -3,6 +3,7 @@ folders, its device, and its loaded model, which leaves the GPU while the engine
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from modules import devices, paths, sd_models, shared
 
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/Stable-diffusion/dreambooth/
 EVALUATORS = "dreambooth_evaluators"  # DINO / CLIP models for evaluate_every, as the ComfyUI nodes' folder
+log = logging.getLogger("dreambooth")
 
 
 class WebUI:
@@ -53,6 +55,7 @@ class WebUI:
         model = sd_models.model_data.sd_model  # not shared.sd_model: reading it loads a model when none is
         if model is not None:
             sd_models.send_model_to_cpu(model)
+            log.info("[DreamBooth] The WebUI's model %s is off the GPU while DreamBooth works.", _title(model))
         devices.torch_gc()
         try:
             yield
@@ -61,3 +64,9 @@ class WebUI:
             devices.torch_gc()
             if model is not None:
                 sd_models.send_model_to_device(model)
+                log.info("[DreamBooth] The WebUI's model %s is back on %s.", _title(model), devices.device)
+
+
+def _title(model) -> str:
+    info = getattr(model, "sd_checkpoint_info", None)
+    return info.title if info is not None else type(model).__name__

@@ -29,9 +29,13 @@
       drawPanel(ctx, run, 0, 0, width, height);
     }
 
+    let saved = null; // the "saved" event: the checkpoint's name as the WebUI lists it
+
     function show(event) {
-      core.applyRunEvent(run, event);
+      // "done" names the file by its path; the WebUI's own name for it reads better
+      core.applyRunEvent(run, event.type === "done" && saved ? { ...event, output: saved.checkpoint } : event);
       if (event.type === "start") {
+        saved = null;
         trigger.textContent = "";
         previews.replaceChildren();
         panel.classList.remove("dreambooth-failed");
@@ -43,6 +47,7 @@
           return img;
         }));
       } else if (event.type === "saved") {
+        saved = event;
         trigger.innerHTML = "";
         const code = document.createElement("code");
         code.textContent = event.trigger_phrase;

@@ -93,12 +93,13 @@ def test_the_tabs_defaults_and_help_are_the_engines_and_the_nodes():
     assert by_name["memory_preset"].default == "auto" and by_name["gradient_checkpointing"].default is True
     assert all(f.help for f in form.FIELDS) and len({f.label for f in form.FIELDS}) == len(form.FIELDS)
     assert "python -m" not in form.words(by_name["identifier"].help)
+    assert form.words(by_name["seed"].help) == by_name["seed"].help  # plain words stay plain
 
 
 def test_engine_messages_name_the_tabs_fields_and_buttons():
     with pytest.raises(ValueError) as raised:
         TrainConfig(base_model="m.safetensors", class_noun="dog", output="o.safetensors", instance_dir="x").validate()
-    assert form.words(str(raised.value)) == "Identifier is not set: pick one with the Pick rare token button"
+    assert form.words(str(raised.value)) == "identifier is not set: pick one with the Pick rare token button"
     assert form.words("max_train_steps must be at least 1") == "Steps must be at least 1"
     assert form.words("set --mixed-precision bf16") == "set Precision bf16"
 

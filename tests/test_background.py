@@ -64,6 +64,8 @@ def test_stop_from_another_thread_keeps_a_state_that_the_next_start_continues(im
     seen = poll_until(run, lambda e: e["type"] in ("stopped", "done", "error"), after=seen[-1]["seq"])
     assert run.state == DONE, seen[-1]
     assert run.result.resumed_from == stopped_at
+    replay = [e["type"] for e in run.events()["events"]]  # what a page opened now sees: this run, not the stopped one
+    assert replay.count("start") == 1 and "stopped" not in replay
     assert [e["step"] for e in seen if e["type"] == "progress"][0] == stopped_at + 1
 
 

@@ -65,13 +65,22 @@ def test_in_the_webui_only_the_missing_packages_are_installed_and_never_torch(mo
     monkeypatch.setattr(installer, "check_bitsandbytes", lambda: None)
     status = installer.main()
     lines = {package: line for package, _, line in installer.requirements()}
-    assert launcher.pip == [f"install {lines['diffusers']}", f"install {lines['bitsandbytes']}"]
+    # The WebUI's transformers 4.30.2 gets the newest diffusers that imports beside it.
+    assert launcher.pip == [f'install "{lines["diffusers"]},<0.32"', f'install "{lines["bitsandbytes"]}"']
     assert not any("torch" in command for command in launcher.pip)
     old = {package for package, minimum, _ in installer.requirements()
            if minimum and versions[package] and installer.version_tuple(versions[package])
            < installer.version_tuple(minimum)}
     out = capsys.readouterr().out
     assert status == (1 if old else 0) and all(f"{package} {versions[package]} is older" in out for package in old)
+
+
+def test_the_diffusers_cap_follows_the_installed_transformers(monkeypatch):
+    installer = load_installer(monkeypatch)
+    for transformers, cap in (("4.30.2", "<0.32"), ("4.37.0", "<0.37"), ("4.46.1", "<0.37"), ("4.48.0", ""),
+                              ("5.2.0", ""), (None, "")):
+        monkeypatch.setattr(installer, "installed_version", lambda package, v=transformers: v)
+        assert installer.diffusers_cap() == cap, transformers
 
 
 def test_under_comfyui_manager_it_installs_nothing_and_says_what_to_run(monkeypatch, capsys):

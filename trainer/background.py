@@ -5,7 +5,7 @@ The run's story is a list of events, each a dict with a `seq` number and a `type
 elapsed_s, eta_s), "status" (text), "phase" (work before the steps: what, done, total), "samples" (step, count),
 "evaluation" (step, subject_fidelity, pres, best_step) and, last, one of "done" (output, steps, saved_step),
 "stopped" (step: a resumable state is kept, starting the same run again continues it) or "error" (text, in the host's
-words). A poller asks for the events after the last `seq` it saw.
+words). A poller asks for the events after the last `seq` it saw; a new run's "start" drops the previous run's.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class BackgroundRun:
             if self.busy:
                 raise Busy("A training run is already going: stop it, or wait until it ends.")
             self.state, self.previews, self.result = RUNNING, [], None
+            self._events = []  # a page opened now sees this run only (seq goes on, so pollers just read on)
             self._stop.clear()
             self._append({"type": "start", "text": description})
             self._thread = threading.Thread(target=self._work, args=(job,), name="dreambooth-run", daemon=True)

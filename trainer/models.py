@@ -269,7 +269,9 @@ def _meta_modules(spec: Family, configs: ModelConfigs) -> tuple[UNet2DConditionM
 def _check_layout(path: Path, spec: Family, expected: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> None:
     """Every weight the modules need is in the file with the right shape, and the file has no UNet or VAE weights
     the modules lack (a different architecture); other extra tensors are kept as passthrough."""
-    missing = [key for key in expected if key not in shapes]
+    # position_ids is computed (0, 1, ..., 76), not learned: transformers before 4.31 keeps it in the state dict,
+    # and files may or may not have it.
+    missing = [key for key in expected if key not in shapes and not key.endswith(".position_ids")]
     reshaped = [f"{key}: file {list(shapes[key])}, expected {list(expected[key].shape)}"
                 for key in expected if key in shapes and shapes[key] != tuple(expected[key].shape)]
     unknown = [key for key in shapes if key.startswith((UNET_PREFIX, VAE_PREFIX)) and key not in expected]
@@ -303,8 +305,15 @@ def _fill_text_encoder(model: CLIPTextModel, slot: TextEncoderSlot, weights: dic
             if name in own:  # the rest (position_ids, extra layers) stays in the passthrough
                 state[name] = tensor
                 break
+    for name in own - state.keys():
+        if name.endswith("position_ids"):  # a persistent buffer in transformers < 4.31 (the A1111 WebUI's 4.30)
+            state[name] = _positions(model.get_buffer(name).shape)
     _adopt(model, state, dtype)
     _restore_position_ids(model)
+
+
+def _positions(shape: torch.Size) -> torch.Tensor:
+    return torch.arange(shape[-1]).expand(shape).clone()
 
 
 def _restore_position_ids(model: CLIPTextModel) -> None:
@@ -316,8 +325,7 @@ def _restore_position_ids(model: CLIPTextModel) -> None:
         owner, _, attribute = name.rpartition(".")
         if attribute != "position_ids":
             raise RuntimeError(f"cannot rebuild the {name} buffer of a meta-device {type(model).__name__}")
-        positions = torch.arange(buffer.shape[-1]).expand(buffer.shape)
-        model.get_submodule(owner).register_buffer(attribute, positions, persistent=False)
+        model.get_submodule(owner).register_buffer(attribute, _positions(buffer.shape), persistent=False)
 
 
 COMFY_SD2_V_PROBE = UNET_PREFIX + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
