@@ -27,12 +27,12 @@ def start_training(values: dict, host: Host, photos: list | None = None, run: Ba
     if run.busy:
         raise Busy("A training run is already going: stop it, or wait until it ends.")
     cfg = form.train_config(values, host, photos)
+    evaluation = _evaluation(cfg, host) if cfg.evaluate_every else None  # no model: said now, not in the run
 
     def job(callbacks):
         from ..trainer.loop import train  # torch and diffusers: only once a run starts
 
         with host.gpu_borrowed():
-            evaluation = _evaluation(cfg, host) if cfg.evaluate_every else None
             result = train(cfg, callbacks=callbacks, evaluation=evaluation)
         host.refresh_checkpoints()
         run.emit("saved", checkpoint=host.checkpoint_title(result.output),
@@ -59,8 +59,7 @@ def _evaluation(cfg: TrainConfig, host: Host):
     from ..trainer.api import evaluation_with_models
     from ..trainer.dataset import load_image_folder
 
-    folders = host.evaluator_folders()
-    sources = [str(entry) for folder in folders if folder.is_dir() for entry in sorted(folder.iterdir())
-               if not entry.name.startswith(".") and (entry.is_dir() or entry.suffix == ".safetensors")]
+    folders = host.evaluator_folders()  # folders of models, read as the command line's --evaluation-models
+    sources = [str(folder) for folder in folders if folder.is_dir()]
     photos = [item.image for item in load_image_folder(cfg.instance_dir)]
     return evaluation_with_models(cfg, photos, sources, home=str(folders[0]))

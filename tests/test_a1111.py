@@ -2,6 +2,7 @@
 client on the routes as the WebUI registers them. tests/test_a1111_webui.py runs the same in a real WebUI."""
 import base64
 import io
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import fields
@@ -209,3 +210,25 @@ def test_the_api_picks_identifiers_on_the_checkpoint(api):
     empty = client.post("/dreambooth/v1/pick-token", json={"ckpt_name": "tiny-sd1.safetensors [abc]",
                                                            "class_noun": " "})
     assert empty.status_code == 400 and empty.json()["detail"].startswith("Class noun is empty")
+
+
+@pytest.mark.slow
+def test_evaluate_every_scores_with_the_models_in_the_evaluators_folder(api, host, photos):
+    from transformers import ViTConfig, ViTModel
+
+    from tests.test_embedders import DINO_V1, DINO_V1_PREPROCESSOR
+
+    client, _ = api
+    body = {**settings(evaluate_every=2, steps=2), "instance_folder": str(photos[0].parent)}
+    none = client.post("/dreambooth/v1/train", json=body)
+    assert none.status_code == 400 and "dreambooth_evaluators" in none.json()["detail"]  # says where models go
+
+    folder = host.evaluator_folders()[0] / "dino-vits16"
+    ViTModel(ViTConfig(**DINO_V1), add_pooling_layer=False).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINO_V1_PREPROCESSOR))
+    assert client.post("/dreambooth/v1/train", json=body).status_code == 200
+    state = wait_for_end(client)
+    assert state["state"] == "done", state["events"][-1]
+    scored = [e for e in state["events"] if e["type"] == "evaluation"]
+    assert [e["step"] for e in scored] == [0, 2] and all(e["pres"] is not None for e in scored)
+    assert state["events"][-1]["saved_step"] in (0, 2)
