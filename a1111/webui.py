@@ -34,7 +34,10 @@ class WebUI:
         return match or Path(path).name
 
     def refresh_checkpoints(self) -> None:
+        selected = shared.opts.data.get("sd_model_checkpoint")
         sd_models.list_models()
+        if selected is not None:  # list_models puts --ckpt's file back as the selection; the user's choice stays
+            shared.opts.data["sd_model_checkpoint"] = selected
 
     def output_folder(self) -> Path:
         return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path) / OUTPUT_SUBFOLDER

@@ -216,6 +216,12 @@ def test_a_run_through_the_api_lands_in_the_checkpoint_list_and_draws_in_the_web
     # the same seed gives another image than the base model, so the trained weights are the ones in use.
     shutil.copy((webui.data / "models" / "Stable-diffusion" / BASE).with_suffix(".yaml"), output.with_suffix(".yaml"))
     trained = webui.draw(saved["checkpoint"], "a zwx dog on the beach")
+    # A second run refreshes the list again; the checkpoint the user chose stays chosen (the WebUI's own refresh
+    # would put the --ckpt file back).
+    assert webui.post("/dreambooth/v1/train", {**settings(webui, "api-dog-2", steps=1, prior_loss_weight=0.0),
+                                               "instance_folder": str(PHOTOS / "dog")}).ok
+    assert webui.events_until_end()[-1]["type"] == "done"
+    assert webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith(saved["checkpoint"])  # + hash
     base = webui.draw(base_title(webui), "a zwx dog on the beach")
     assert trained.size == base.size and trained.tobytes() != base.tobytes()
     assert "Loading weights" in webui.log() and "api-dog.safetensors" in webui.log()
