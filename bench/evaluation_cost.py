@@ -31,7 +31,7 @@ def timed_run(workdir: Path, steps: int, every: int) -> tuple[float, int]:
     """Wall time of one toy run (class images already cached, so only training and evaluation count)."""
     variant = dataclasses.replace(ex.Variant("toy-subject"), steps=steps)
     cfg = dataclasses.replace(ex.train_config(variant, workdir), evaluate_every=every,
-                              output=str(workdir / f"run-{every}.safetensors"))
+                              output=str(workdir / f"run-{steps}-{every}.safetensors"))
     evaluation = ex.evaluation(variant, load_evaluators()) if every else None
     bundle = load_model(ex.BASE)
     started = time.monotonic()
