@@ -1,5 +1,5 @@
-"""The WebUI's side of a run (Automatic1111 1.x, and Forge where it keeps the same modules): its checkpoint list and
-folders, its device, and its loaded model, which leaves the GPU while the engine works."""
+"""The WebUI's side of a run (Automatic1111 1.x and Forge): its checkpoint list and folders, its device, and its
+loaded model, which leaves the GPU while the engine works."""
 from __future__ import annotations
 
 import gc
@@ -14,6 +14,9 @@ from modules import devices, paths, sd_models, shared
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/Stable-diffusion/dreambooth/
 EVALUATORS = "dreambooth_evaluators"  # DINO / CLIP models for evaluate_every, as the ComfyUI nodes' folder
 log = logging.getLogger("dreambooth")
+# Forge moves its models onto the GPU for each generation through its own memory manager (which its modules.devices
+# imports); its sd_models.send_model_to_cpu / send_model_to_device do nothing.
+FORGE_MEMORY = getattr(devices, "memory_management", None)
 
 
 class WebUI:
@@ -55,8 +58,13 @@ class WebUI:
     @contextmanager
     def gpu_borrowed(self) -> Iterator[None]:
         """The WebUI's loaded model off the GPU while the engine works, and back afterwards (also after an error)."""
-        model = sd_models.model_data.sd_model  # not shared.sd_model: reading it loads a model when none is
-        if model is not None:
+        model = None
+        if FORGE_MEMORY is not None:
+            FORGE_MEMORY.unload_all_models()
+            log.info("[DreamBooth] The WebUI's models are off the GPU while DreamBooth works; Forge loads them back "
+                     "for its next image.")
+        elif sd_models.model_data.sd_model is not None:  # not shared.sd_model: reading it loads a model when none is
+            model = sd_models.model_data.sd_model
             sd_models.send_model_to_cpu(model)
             log.info("[DreamBooth] The WebUI's model %s is off the GPU while DreamBooth works.", _title(model))
         devices.torch_gc()

@@ -16,7 +16,9 @@ import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -32,6 +34,9 @@ A1111_DIR = os.environ.get("A1111_DIR", "")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set: these tests start a real WebUI")]
 BASE = "tiny-sd1.safetensors"
+# A1111's flags for the CPU (tests/test_forge_webui.py has Forge's)
+A1111_FLAGS = ("--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full",
+               "--disable-console-progressbars")
 
 
 def ldm_config(clip_folder: Path) -> dict:
@@ -81,24 +86,26 @@ def free_port() -> int:
 
 
 class WebUI:
-    def __init__(self, data: Path):
+    """The WebUI in `folder` (A1111's, or Forge's) started with its own `flags`, --api on a free port and `data` as its
+    data folder, by `python` (default: the folder's venv)."""
+
+    def __init__(self, data: Path, flags: tuple, folder: str = A1111_DIR, python: str = ""):
         self.data, self.port = data, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data / "webui.log"
-        python = os.environ.get("A1111_PYTHON") or str(Path(A1111_DIR) / "venv" / "bin" / "python")
+        python = python or str(Path(folder) / "venv" / "bin" / "python")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
-             "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--port", str(self.port),
-             "--data-dir", str(data), "--ckpt", str(data / "models" / "Stable-diffusion" / BASE),
-             "--no-download-sd-model", "--disable-console-progressbars"],
-            cwd=A1111_DIR, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
+            [python, "launch.py", "--skip-prepare-environment", "--skip-version-check", "--api", "--port",
+             str(self.port), "--data-dir", str(data), "--no-download-sd-model", *flags],
+            cwd=folder, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"the WebUI exited:\n{self.log()[-3000:]}"
             try:
-                if requests.get(f"{self.url}/sdapi/v1/sd-models", timeout=5).ok:
+                # the extension's routes come last (app_started), after the WebUI's own API already answers
+                if requests.get(f"{self.url}/dreambooth/v1/run", timeout=5).ok:
                     return
             except requests.ConnectionError:
                 pass
@@ -123,11 +130,11 @@ class WebUI:
             time.sleep(0.5)
         raise AssertionError("the run did not end")
 
-    def draw(self, checkpoint: str, prompt: str) -> Image.Image:
+    def draw(self, checkpoint: str, prompt: str, size: int = 128, steps: int = 3) -> Image.Image:
         assert self.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint}).ok
         # The WebUI takes latents as 1/8 of the size; the tiny VAE upsamples 2x: 128 px asked, 32 px drawn.
-        answer = self.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 3, "width": 128, "height": 128, "seed": 7,
-                                                  "sampler_name": "Euler"})
+        answer = self.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": steps, "width": size, "height": size,
+                                                  "seed": 7, "sampler_name": "Euler"})
         assert answer.ok, answer.text
         return Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB")
 
@@ -149,7 +156,7 @@ def webui(tmp_path_factory):
     (data / "extensions" / "dreambooth-studio").symlink_to(ROOT, target_is_directory=True)
     # The tiny random CLIP's outputs average ~0, and the WebUI's default emphasis divides by that mean.
     (data / "config.json").write_text(json.dumps({"emphasis": "No norm"}))
-    server = WebUI(data)
+    server = WebUI(data, (*A1111_FLAGS, "--ckpt", str(models / BASE)), python=os.environ.get("A1111_PYTHON", ""))
     yield server
     server.stop()
 
@@ -171,6 +178,37 @@ def settings(webui: WebUI, output_name: str, **overrides) -> dict:
     return {"ckpt_name": base_title(webui), "identifier": "zwx", "class_noun": "dog", "steps": 4, "resolution": 64,
             "num_class_images": 2, "learning_rate": 1e-3, "memory_preset": "custom", "optimizer": "adamw",
             "output_name": output_name, **overrides}
+
+
+@contextmanager
+def browser_page(profile: Path) -> Iterator[tuple]:
+    """A page of headless Chromium (Debian's, or CHROMIUM) driven by Playwright, and the list that collects the page's
+    errors and the console errors of this extension's scripts. Skips without Playwright or Chromium."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no Chromium: apt-get install chromium, or set CHROMIUM")
+    problems = []
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium, headless=True, args=args, viewport={"width": 1280, "height": 1000})
+        page = context.new_page()
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on("console", lambda message: problems.append(f"console: {message.text} {message.location}")
+                if message.type == "error" and "dreambooth" in json.dumps(message.location).lower() else None)
+        try:
+            yield page, problems
+        finally:
+            context.close()
+
+
+def open_the_tab(page, webui: WebUI) -> None:
+    page.goto(webui.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector("#tabs", timeout=120_000)
+    page.locator("#tabs > .tab-nav > button", has_text="DreamBooth").click()
+    page.wait_for_selector("#dreambooth-live", state="visible", timeout=30_000)
 
 
 def test_install_py_goes_through_the_webuis_launcher():
@@ -262,27 +300,10 @@ def test_bad_settings_get_the_tabs_words_not_a_traceback(webui):
 
 
 def test_the_tab_trains_in_a_browser_with_a_live_chart(webui, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("no Chromium: apt-get install chromium, or set CHROMIUM")
     shots = Path(os.environ.get("A1111_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    problems = []
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=chromium, headless=True, args=args,
-            viewport={"width": 1280, "height": 1000})
-        page = context.new_page()
-        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        page.on("console", lambda message: problems.append(f"console: {message.text} {message.location}")
-                if message.type == "error" and "dreambooth" in json.dumps(message.location).lower() else None)
-        page.goto(webui.url, wait_until="domcontentloaded", timeout=120_000)
-        page.wait_for_selector("#tabs", timeout=120_000)
-        page.locator("#tabs > .tab-nav > button", has_text="DreamBooth").click()
-        page.wait_for_selector("#dreambooth-live", state="visible", timeout=30_000)
+    with browser_page(tmp_path / "profile") as (page, problems):
+        open_the_tab(page, webui)
         page.locator("#dreambooth_photos input[type=file]").set_input_files(sorted((PHOTOS / "dog").glob("*.jpg"))[:3])
         page.locator("#dreambooth_pick").click()  # measured on the chosen checkpoint; the best one fills Identifier
         page.wait_for_selector("#dreambooth_ranked table", timeout=300_000)
@@ -317,7 +338,6 @@ def test_the_tab_trains_in_a_browser_with_a_live_chart(webui, tmp_path):
         page.evaluate("window.scrollTo(0, 0)")
         page.wait_for_timeout(500)
         page.screenshot(path=str(shots / "a1111-tab-after.png"))
-        context.close()
     assert len(ranked) == 11 and picked and ranked[1].split()[1] == picked  # a header and 10 identifiers, best first
     assert during.startswith("step ") and "/40" in during, during
     assert after.startswith("done · 40 steps · dreambooth/page-dog.safetensors"), after
