@@ -173,6 +173,7 @@ def _priors(args) -> int:
 
 def _train(args) -> int:
     from .callbacks import TrainingCancelled
+    from .distributed import join
     from .loop import train
     from .evaluation import BestStep
     from .plots import evaluation_curve
@@ -186,13 +187,16 @@ def _train(args) -> int:
         from .dataset import load_image_folder
         photos = [item.image for item in load_image_folder(cfg.validate().instance_dir)]
         evaluation = evaluation_with_models(cfg, photos, args.evaluation_models, home="the --evaluation-models folder")
-    printer = _ConsolePrinter()
+    printer = _ConsolePrinter(speaks=join().main)
     signal.signal(signal.SIGINT, printer.request_stop)
     try:
         result = train(cfg, callbacks=printer, evaluation=evaluation)
     except TrainingCancelled as cancelled:
-        print(f"\n{cancelled}. Run the same command again to resume.")
+        if join().main:
+            print(f"\n{cancelled}. Run the same command again to resume.")
         return 130
+    if not join().main:  # data parallel: rank 0 speaks for the run
+        return 0
     if result.evaluations:
         curve = Path(result.output).with_suffix(".evaluation.png")
         pres_limit = BestStep(cfg.max_pres_rise, result.evaluations).pres_limit
@@ -319,8 +323,9 @@ class _ConsolePrinter:
     """A progress bar for the steps and the class images; the first Ctrl-C asks the loop to stop cleanly (it saves a
     resumable state), a second one stops at once."""
 
-    def __init__(self):
+    def __init__(self, speaks: bool = True):
         self.stop = False
+        self.speaks = speaks  # data parallel: the launcher hands Ctrl-C to every process; rank 0 says it
         self.bars: dict[str, Progress] = {}
 
     def request_stop(self, *_):
@@ -328,7 +333,9 @@ class _ConsolePrinter:
             raise KeyboardInterrupt
         self.stop = True
         self._interrupt_bars()
-        print("Stopping after this step and saving a resumable state (Ctrl-C again to stop at once)...", flush=True)
+        if self.speaks:
+            print("Stopping after this step and saving a resumable state (Ctrl-C again to stop at once)...",
+                  flush=True)
 
     def should_stop(self) -> bool:
         return self.stop

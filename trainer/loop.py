@@ -29,6 +29,7 @@ from .dataset import SubjectImage, load_image_folder, size_conditioning, to_trai
 from .evaluation import BestStep, Evaluation, StepScores
 from .device import inference_dtype, resolve_device, training_precision, with_memory_preset
 from .fused import FusedBackward, PerTensorOptimizer
+from . import distributed
 from .locking import exclusive
 from .loss import dreambooth_loss, prediction_target
 from .models import load_model
@@ -63,8 +64,11 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
     cfg.class_dir, else the prior cache (generated on demand). With cfg.evaluate_every, `evaluation` scores the model
     (trainer/evaluation.py) and the output holds the best evaluated step."""
     callbacks = callbacks or Callbacks()
-    device = resolve_device(cfg.device)
+    processes = distributed.join()
+    device = processes.device(resolve_device(cfg.device))
     cfg.validate()
+    if processes.parallel and not processes.main:
+        callbacks = _OnlyStop(callbacks)  # one log, from rank 0
     if instance_images is None and not cfg.instance_dir:
         raise ConfigError("instance_dir is not set: give the folder with 3-5 photos of your subject")
     if cfg.evaluate_every and evaluation is None:
@@ -74,15 +78,21 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
         speed.check_compile_toolchain(device)  # before any waiting: loading, class images, encoding
     check_writable(Path(cfg.output).resolve().parent)  # (before the lock file is made there)
     # ComfyUI runs nodes under inference_mode; training needs autograd and ordinary tensors.
-    with torch.inference_mode(False), torch.enable_grad(), exclusive(cfg.output):
+    lock = exclusive(cfg.output) if processes.main else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), lock:
         if bundle is None:
             callbacks.log(f"Loading {cfg.base_model}")
             zero_snr = {"": None, "default": False, "zero_terminal_snr": True}[cfg.noise_schedule]
             bundle = load_model(cfg.base_model, cfg.prediction_type or None, zero_terminal_snr=zero_snr)
         cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
+        if processes.parallel:
+            _check_data_parallel(cfg)  # (after the memory preset, which may turn fused_backward on)
+            callbacks.log(f"Data parallel: {processes.size} processes x batch {cfg.batch_size} = a global batch of "
+                          f"{processes.size * cfg.batch_size}; gradients averaged; learning rate {cfg.learning_rate:g} "
+                          "as given (not scaled by the number of processes)")
         return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device,
                       training_precision(cfg, device), instance_images, class_images,
-                      evaluation if cfg.evaluate_every else None)
+                      evaluation if cfg.evaluate_every else None, processes)
 
 
 def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
@@ -92,7 +102,7 @@ def for_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
 
 
 def _train(cfg, bundle, callbacks, randomness, device, precision, instance_images, class_images,
-           evaluation) -> TrainResult:
+           evaluation, processes=distributed.SINGLE) -> TrainResult:
     multiple = size_multiple(bundle)
     if cfg.resolution % multiple:
         nearest = max(1, round(cfg.resolution / multiple)) * multiple
@@ -110,7 +120,11 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     if not cfg.with_prior_preservation:
         class_images = []
     elif class_images is None:
+        if not processes.main:
+            processes.barrier()  # rank 0 generates the missing ones into the cache; the others then read it
         class_images = _class_images(cfg, bundle, callbacks, device)
+        if processes.main:
+            processes.barrier()
     # The frozen VAE and text encoders encode in the training step's precision, as the reference script does; SDXL's
     # VAE in fp32, as it overflows in fp16 (its config's force_upcast).
     with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
@@ -125,8 +139,10 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
         modules.update(zip(("text_encoder", "text_encoder_2"), bundle.text_encoders))
     with Phase(TRAINING, device, log=callbacks.log, advice=lambda: _training_advice(cfg, state_dir)) as phase:
         result, position = _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text,
-                                      state_dir, provenance, evaluation)
+                                      state_dir, provenance, evaluation, processes)
     del latents, text  # the last of the run on the GPU: saving needs none of it
+    if not processes.main:
+        return result  # rank 0 draws the previews and writes the output
     # The final previews after the training phase: the optimizer's state is gone and the modules are off the GPU, so
     # they draw with more room than previews during training (an SDXL run on a 12 GB card needs it).
     result.samples = _previews(bundle, cfg, callbacks, device, precision)
@@ -158,7 +174,8 @@ def best_file_for(output: str) -> Path:
 
 
 def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, latents, text, state_dir,
-               provenance: Provenance, evaluation: Evaluation | None) -> tuple[TrainResult, state_io.Position]:
+               provenance: Provenance, evaluation: Evaluation | None,
+               processes=distributed.SINGLE) -> tuple[TrainResult, state_io.Position]:
     """The steps, with the trained modules and the optimizer on the device; both leave it when this returns."""
     device = phase.device
     _prepare_for_training(bundle, cfg, modules, phase, callbacks)
@@ -172,16 +189,19 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
     position, losses, evaluated = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness,
-                                          scaler, callbacks)
+                                          scaler, callbacks, processes)
     if cfg.channels_last:
         speed.match_state_layout(optimizer)
     resumed_from = position.step
     best = BestStep.from_list(cfg.max_pres_rise, evaluated)
 
     def save_state():
-        state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
-                            optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
-                            losses=losses, made_from=provenance.to_dict(), evaluations=best.to_list())
+        if processes.main:  # every process holds the same weights, optimizer state and stream
+            state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness,
+                                scaler=scaler, losses=losses, made_from=provenance.to_dict(),
+                                evaluations=best.to_list(), processes=processes.size)
+        processes.barrier()
 
     def evaluate() -> bool:
         """Score this step; keep its weights if it is the best so far. True: fidelity stopped rising, stop here."""
@@ -199,18 +219,26 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
 
     started = time.monotonic()
     while position.step < cfg.max_train_steps:
-        if callbacks.should_stop():
+        if processes.any(callbacks.should_stop()):
             save_state()
             raise TrainingCancelled(position.step, str(state_dir))
         if position.epoch_pos >= len(position.epoch_order):
             position.epoch_order, position.epoch_pos = randomness.epoch_order(latents.num_items), 0
-        items = position.epoch_order[position.epoch_pos:position.epoch_pos + cfg.batch_size]
+        items = position.epoch_order[position.epoch_pos:position.epoch_pos + cfg.batch_size * processes.size]
         position.epoch_pos += len(items)
 
+        # Every process draws the whole global batch, so the stream stays one; each trains on its own share.
         model_input = latents.sample(items, randomness) * bundle.vae.config.scaling_factor
-        noise = randomness.noise(model_input.shape).to(device)
+        noise = randomness.noise(model_input.shape)
         timesteps = randomness.timesteps(model_input.shape[0], bundle.noise_scheduler.config.num_train_timesteps)
-        timesteps = timesteps.to(device)
+        global_n, share = len(items), processes.share(items, cfg.batch_size)
+        local_n = share.stop - share.start
+        if processes.parallel:
+            if not local_n:  # an epoch's last batch left this process nothing: a row at weight 0 keeps it in step
+                share = slice(0, 1)
+            rows = _share_rows(global_n, share, latents.with_prior)
+            model_input, noise, timesteps, items = model_input[rows], noise[rows], timesteps[rows], items[share]
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = bundle.noise_scheduler.add_noise(model_input, noise, timesteps)
         if cfg.channels_last:
             noisy = speed.channels_last_input(noisy)
@@ -221,10 +249,12 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                 pred = unet(noisy, timesteps, **cond.unet_kwargs(time_ids)).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
-            _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
+            _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm,
+                            sync=lambda: processes.average_gradients(params, local_n, global_n))
 
         position.step += 1
-        loss_value, instance_value, prior_value = to_host(loss, instance_loss, prior_loss)
+        loss_value, instance_value, prior_value = (processes.total(value * local_n / global_n)
+                                                   for value in to_host(loss, instance_loss, prior_loss))
         losses.append(loss_value)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -244,7 +274,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                 break  # (no state to save: the run ends here)
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
             save_state()
-        if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps:
+        if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps \
+                and processes.main:
             callbacks.on_samples(position.step, _previews(bundle, cfg, callbacks, device, precision))
 
     if cfg.channels_last:
@@ -407,7 +438,8 @@ def _set_attention(unet, choice: str, callbacks) -> None:
     unet.set_attn_processor(AttnProcessor2_0())
 
 
-def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm) -> None:
+def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=lambda: None) -> None:
+    """One step; `sync` runs between the backward pass and the update (data parallel: average the gradients)."""
     if isinstance(optimizer, FusedBackward):
         # backward() itself clips (per tensor), steps and frees each gradient: see trainer/fused.py. The hooks
         # are on for this backward only, so the model never keeps them (sampling, the caller, errors).
@@ -418,15 +450,18 @@ def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm
         return
     if isinstance(optimizer, PerTensorOptimizer):  # bf16_weights: step() clips over all gradients, in fp32
         loss.backward()
+        sync()
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return
     if scaler is not None:
         scaler.scale(loss).backward()
+        sync()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+        sync()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler is not None:
@@ -463,7 +498,8 @@ def _warnings(cfg, bundle, instance_images) -> list[str]:
     return warnings
 
 
-def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks):
+def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks,
+            processes=distributed.SINGLE):
     fresh = state_io.Position(0, [], 0), [], []
     if not cfg.resume:
         return fresh
@@ -471,6 +507,11 @@ def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, random
         meta = state_io.read_state_meta(candidate)
         if meta is None:
             continue
+        saved_by = meta.get("processes", 1)
+        if saved_by != processes.size:  # its global batch was another: the same draws cannot continue
+            raise ConfigError(f"{candidate} was saved by a run on {saved_by} process(es); this one has "
+                              f"{processes.size}. Resume it with {saved_by} (accelerate launch --num_processes "
+                              f"{saved_by}), or delete that folder to start again.")
         if meta["fingerprint"] != provenance.fingerprint():
             differences = "; ".join(provenance.differences(meta.get("made_from")))
             callbacks.log(f"Not resuming from {candidate}: it was saved by a run made from {differences}. "
@@ -534,3 +575,30 @@ def _output_metadata(cfg, bundle, steps: int, provenance: Provenance, evaluation
     if evaluations:  # the scores up to this step, so the file says why it is the one kept
         metadata[meta.EVALUATIONS] = json.dumps([asdict(scores) for scores in evaluations if scores.step <= steps])
     return metadata
+
+
+def _share_rows(global_n: int, share: slice, with_prior: bool) -> list[int]:
+    """The rows of a global batch (instance examples, then their class examples) that are this process's share."""
+    rows = list(range(share.start, share.stop))
+    return rows + [global_n + row for row in rows] if with_prior else rows
+
+
+def _check_data_parallel(cfg: TrainConfig) -> None:
+    """What does not combine with several processes, yet."""
+    if cfg.fused_backward:
+        raise ConfigError("fused_backward: steps the optimizer inside the backward pass, before the processes' "
+                          "gradients are averaged; turn it off (or choose a memory preset without it) to train on "
+                          "several processes.")
+    if cfg.evaluate_every:
+        raise ConfigError("evaluate_every: scoring while training runs on one process only for now; set it to 0 "
+                          "to train on several processes, then measure the result with `python -m trainer evaluate`.")
+
+
+class _OnlyStop(Callbacks):
+    """A process other than rank 0: silent, but it hears a stop (Ctrl-C reaches every process)."""
+
+    def __init__(self, callbacks: Callbacks):
+        self.callbacks = callbacks
+
+    def should_stop(self) -> bool:
+        return self.callbacks.should_stop()

@@ -35,12 +35,13 @@ def state_dir_for(output: str) -> Path:
 
 def save_state(directory: Path, *, fingerprint: str, position: Position, modules: dict[str, torch.nn.Module],
                optimizer, lr_scheduler, randomness, scaler, losses: list[float], made_from: dict | None = None,
-               evaluations: list[dict] = ()) -> None:
+               evaluations: list[dict] = (), processes: int = 1) -> None:
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
     meta = {
         "format": STATE_FORMAT,
         "fingerprint": fingerprint,
+        "processes": processes,  # data parallel: the global batch was this many processes' batches
         "step": position.step,
         "epoch_order": position.epoch_order,
         "epoch_pos": position.epoch_pos,
