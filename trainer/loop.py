@@ -206,7 +206,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     def evaluate() -> bool:
         """Score this step; keep its weights if it is the best so far. True: fidelity stopped rising, stop here."""
         scores = evaluation.score(position.step, lambda prompts, seeds: _draw(
-            bundle, cfg, device, precision, prompts, seeds, sampler=evaluation.sampler, guidance=evaluation.guidance))
+            bundle, cfg, device, precision, prompts, seeds, sampler=evaluation.sampler, guidance=evaluation.guidance,
+            steps=evaluation.steps))
         if best.add(scores) and position.step < cfg.max_train_steps:
             save_checkpoint(bundle, best_file_for(cfg.output),
                             _output_metadata(cfg, bundle, position.step, provenance, best.history),
@@ -538,7 +539,8 @@ def _previews(bundle, cfg, callbacks, device, precision) -> list:
         return []
 
 
-def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, **sampling) -> list:
+def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], log=None, steps: int | None = None,
+          **sampling) -> list:
     """Images of the model being trained, one per (prompt, seed), with its frozen modules borrowed in half
     precision (the previews phase: everything it borrowed leaves the GPU when it ends). One image at a time on a GPU,
     beside the training's memory; all at once on the CPU, where each call costs more than memory does."""
@@ -548,7 +550,7 @@ def _draw(bundle, cfg, device, precision, prompts: list[str], seeds: list[int], 
         phase.borrow(*frozen, dtype=half)
         phase.borrow(bundle.vae, dtype=vae_dtype(bundle, half))  # SDXL's in fp32: it overflows in fp16
         return sample_images(bundle, prompts, seeds=seeds, device=device, width=cfg.resolution, height=cfg.resolution,
-                             steps=cfg.sample_steps, batch_size=1 if device.type == "cuda" else len(prompts),
+                             steps=steps or cfg.sample_steps, batch_size=1 if device.type == "cuda" else len(prompts),
                              autocast=precision or (half if half != torch.float32 else None), **sampling)
 
 
