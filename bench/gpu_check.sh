@@ -7,6 +7,9 @@
 # Results (markdown, JSON, the log) go to $OUT, or bench-gpu/ here. More arguments go to bench/dreambooth_bench.py
 # (on a CPU, to try the wiring: bash bench/gpu_check.sh --small --no-reference --steps 3 --warmup 1 --class-images 8).
 #
+# Scoring while training (issue 13), estimated 4-5 minutes on one H200: bash bench/gpu_check.sh evaluation
+# (bench/evaluation_cost.py on a full-size random SD 1.5 at the 24GB preset, the fastest: 400 steps, every 100).
+#
 # SDXL (issue 12), about 8 minutes on one H200:
 #   bash bench/gpu_check.sh sdxl PATH/TO/train_text_to_image_sdxl.py [more dreambooth_bench.py arguments]
 # a full-size random SDXL at 1024 px: the presets 12GB (capped at 11.6 GiB), 12GB+te (capped at 15.6: a 16 GB card)
@@ -34,6 +37,11 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 REFERENCE=${DREAMBOOTH_REFERENCE_SCRIPT:-.whl/train_dreambooth.py}
 FAMILY=sd1
+if [ "${1:-}" = "evaluation" ]; then  # issue 13: what scoring every 100 of 400 steps adds (SD 1.5 at 512 px)
+    "$PYTHON" bench/evaluation_cost.py --family sd1 --preset 24GB --steps 400 --every 100 2>&1 \
+        | tee "$OUT/evaluation-cost.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 if [ "${1:-}" = "sdxl" ]; then
     FAMILY=sdxl
     REFERENCE=${2:?usage: bash bench/gpu_check.sh sdxl PATH/TO/train_text_to_image_sdxl.py [ARGS...]}
