@@ -164,7 +164,12 @@ class DreamBoothTrain(io.ComfyNode):
                                class_images=as_subjects(class_images, "class"), evaluation=evaluation)
         except TrainingCancelled as cancelled:
             callbacks.log(str(cancelled))
+            callbacks.send("stopped", step=cancelled.step, text="Queue the same workflow again to continue from "
+                                                                "here.")
             raise comfy_hooks.Interrupted() from cancelled  # ComfyUI shows "interrupted", not a failure
+        except Exception as error:  # the panel says it too, in red, not only ComfyUI's error dialog
+            callbacks.send("error", text=str(error))
+            raise
         finally:
             comfy_hooks.release()
         name = f"{comfy_hooks.OUTPUT_SUBFOLDER}/{output.name}"

@@ -355,10 +355,13 @@ def test_stop_button_keeps_the_server_healthy_and_writes_no_half_file(server):
         prompt_id = server.queue(train_only(server.base / "photos" / "dog", "stopped-dog", steps=500))
         # The Train node's per-step message (nodes/comfy_hooks.py): a step is done, so training is under way.
         progress = messages.wait_for("dreambooth.progress", lambda data: data["step"] >= 1)
+        assert progress["total"] == 500
+        server.post("/interrupt")
+        # The panel is told the run stopped (web/ shows "stopped at step N", not the last step's progress).
+        stopped = messages.wait_for("dreambooth.stopped", timeout=300)
     finally:
         messages.close()
-    assert progress["total"] == 500
-    server.post("/interrupt")
+    assert stopped["step"] >= progress["step"] and "Queue the same workflow again" in stopped["text"]
     entry = server.wait(prompt_id, timeout=300)
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
     folder = server.base / "models" / "checkpoints" / "dreambooth"
@@ -375,10 +378,17 @@ def test_a_corrupt_photo_gives_an_error_that_names_it(server):
     photos = server.base / "photos" / "corrupt"
     shutil.copytree(server.base / "photos" / "dog", photos)
     (photos / "99-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    entry = server.wait(server.queue(train_only(photos, "corrupt-dog", steps=2, identifier="sks")))
+    messages = Messages(server.port)
+    try:
+        prompt_id = server.queue(train_only(photos, "corrupt-dog", steps=2, identifier="sks"))
+        shown = messages.wait_for("dreambooth.error")  # the panel says it too (web/: "error: ...", in red)
+    finally:
+        messages.close()
+    entry = server.wait(prompt_id)
     assert entry["status"]["status_str"] == "error"
     error = errors(entry)[0]
     message = error["exception_message"]
+    assert shown["text"] == message.strip()  # (ComfyUI ends its copy with a newline)
     assert "99-broken.jpg" in message and ("re-export" in message.lower() or "remove" in message.lower())
     assert error["exception_type"] == "ValueError"  # not '<pack folder>.trainer.dataset.ImageError'
 

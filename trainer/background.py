@@ -99,8 +99,7 @@ class BackgroundRun:
             result = job(callbacks)
         except TrainingCancelled as cancelled:
             self._end(STOPPED, "stopped", step=cancelled.step,
-                      text=f"Stopped at step {cancelled.step}; its state is kept: Train again with the same settings "
-                           "continues from there.")
+                      text="Train again with the same settings to continue from here.")
         except Exception as error:  # shown to the user in the host's words; the traceback goes to the log
             log.exception("[DreamBooth] the training run failed")
             self._end(FAILED, "error", text=self._error_text(error))

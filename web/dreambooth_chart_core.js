@@ -58,6 +58,7 @@ export function createRun({ cap = MAX_POINTS, weight = EMA_WEIGHT } = {}) {
     progress: null, // the last progress message
     statusText: "", statusSeq: 0, startSeq: 0, seq: 0, // message order, to tell stale status lines
     done: null, // the done message, once the run finished
+    ended: null, // {kind: "stopped" | "error", step, text, seq}: the run ended without a model
   };
 }
 
@@ -65,7 +66,7 @@ export function createRun({ cap = MAX_POINTS, weight = EMA_WEIGHT } = {}) {
 export function resetRun(run, total) {
   Object.assign(run, {
     total, points: [], stride: 1, tailIsProvisional: false, arrivals: 0, smooth: { avg: 0, n: 0 },
-    progress: null, done: null, startSeq: run.seq,
+    progress: null, done: null, ended: null, startSeq: run.seq,
   });
 }
 
@@ -110,6 +111,7 @@ export function applyProgress(run, msg) {
   if (fresh) resetRun(run, msg.total);
   else truncateRun(run, msg.step);
   run.done = null;
+  run.ended = null; // (a stopped run queued again moves on from its state)
   addPoint(run, msg.step, num(msg.loss));
   run.progress = msg;
   return fresh;
@@ -125,7 +127,14 @@ export function applyStatus(run, msg) {
 /** Apply a "dreambooth.done" message. */
 export function applyDone(run, msg) {
   run.seq += 1;
+  run.ended = null;
   run.done = { ...msg, seq: run.seq };
+}
+
+/** Apply a "dreambooth.stopped" or "dreambooth.error" message ({step, text}): the run ended without a model. */
+export function applyEnd(run, msg, kind) {
+  run.seq += 1;
+  run.ended = { kind, step: msg.step, text: String(msg.text ?? ""), seq: run.seq };
 }
 
 // ---------- finding a node's run ----------
@@ -231,6 +240,11 @@ export function doneText(d) {
  */
 export function headerLines(run) {
   if (!run) return ["waiting for a run", ""];
+  if (run.ended) {
+    const { kind, step, text } = run.ended;
+    if (kind === "stopped") return [`stopped at step ${step} · its state is kept`, text];
+    return [`error: ${text}`, run.progress ? `at ${progressText(run.progress)}` : ""];
+  }
   const status = run.statusText && run.statusSeq > run.startSeq ? run.statusText : "";
   if (run.done) {
     const since = run.statusSeq > run.done.seq ? run.statusText : "";
@@ -260,9 +274,11 @@ export function applyRunEvent(run, event) {
       applyStatus(run, { text: `${event.what}: ${event.done}/${event.total}` });
       break;
     case "status":
+      applyStatus(run, event);
+      break;
     case "stopped":
     case "error":
-      applyStatus(run, event);
+      applyEnd(run, event, event.type);
       break;
     case "done":
       applyDone(run, event);

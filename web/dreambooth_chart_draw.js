@@ -11,6 +11,7 @@ export const COLORS = {
   border: "rgba(255,255,255,0.08)",
   grid: "rgba(255,255,255,0.08)",
   text: "#e4e4e7",
+  error: "#f87171",
   dim: "#9a9aa3",
   raw: "rgba(110,140,190,0.55)",
   smooth: "rgb(255,170,60)",
@@ -32,18 +33,18 @@ export function drawPanel(ctx, run, x, y, w, h) {
   ctx.strokeStyle = COLORS.border;
   ctx.lineWidth = 1;
   ctx.stroke();
-  drawHeader(ctx, headerLines(run), w);
+  drawHeader(ctx, headerLines(run), w, run?.ended?.kind === "error" ? COLORS.error : COLORS.text);
   const plot = { x: PAD, y: HEADER_H + 4, w: w - 2 * PAD, h: h - HEADER_H - 4 - AXIS_H - PAD / 2 };
   if (plot.h >= 24) drawChart(ctx, run, plot);
   ctx.restore();
 }
 
 /** The status line (bright) and the secondary line (dim), cut to fit. */
-function drawHeader(ctx, [main, second], w) {
+function drawHeader(ctx, [main, second], w, color) {
   ctx.textBaseline = "alphabetic";
   ctx.textAlign = "left";
   ctx.font = `12px ${FONT}`;
-  ctx.fillStyle = COLORS.text;
+  ctx.fillStyle = color;
   ctx.fillText(fitText(ctx, main, w - 2 * PAD), PAD, 16);
   if (second) {
     ctx.font = `11px ${FONT}`;

@@ -1,9 +1,9 @@
 // Live progress on the DreamBooth Train node: a status line and the loss curve, fed by the
-// "dreambooth.progress" / "dreambooth.status" / "dreambooth.done" messages of nodes/comfy_hooks.py.
+// "dreambooth.progress" / "status" / "done" / "stopped" / "error" messages of nodes/comfy_hooks.py and nodes/train.py.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { applyDone, applyProgress, applyStatus, createRun, matchRunKey } from "./dreambooth_chart_core.js";
+import { applyDone, applyEnd, applyProgress, applyStatus, createRun, matchRunKey } from "./dreambooth_chart_core.js";
 import { PANEL_MIN_HEIGHT, drawPanel } from "./dreambooth_chart_draw.js";
 
 const NODE_CLASS = "DBStudioTrain";
@@ -158,6 +158,8 @@ app.registerExtension({
     api.addEventListener("dreambooth.progress", listener(applyProgress));
     api.addEventListener("dreambooth.status", listener(applyStatus));
     api.addEventListener("dreambooth.done", listener(applyDone));
+    api.addEventListener("dreambooth.stopped", listener((run, msg) => applyEnd(run, msg, "stopped")));
+    api.addEventListener("dreambooth.error", listener((run, msg) => applyEnd(run, msg, "error")));
   },
 
   nodeCreated(node) {

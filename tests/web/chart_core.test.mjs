@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import {
-  MAX_POINTS, addPoint, applyDone, applyProgress, applyRunEvent, applyStatus, createRun, decimate, ema, emaStep, emaValue,
+  MAX_POINTS, addPoint, applyDone, applyEnd, applyProgress, applyRunEvent, applyStatus, createRun, decimate, ema, emaStep, emaValue,
   formatAxis, formatDuration, formatLoss, formatLr, halve, headerLines, isNewRun, lossRange, matchRunKey,
   progressText, quantile, scale,
 } from "../../web/dreambooth_chart_core.js";
@@ -255,8 +255,8 @@ describe("applyRunEvent (the WebUI tab's polled run, trainer/background.py's eve
     assert.deepEqual(run.points.map((p) => p.loss), [0.5, 0.25]);
     applyRunEvent(run, { type: "samples", step: 2, count: 1 }); // the page's, not the chart's
     assert.equal(run.points.length, 2);
-    applyRunEvent(run, { type: "stopped", step: 2, text: "Stopped at step 2" });
-    assert.equal(headerLines(run)[1], "Stopped at step 2");
+    applyRunEvent(run, { type: "stopped", step: 2, text: "Train again to continue." });
+    assert.deepEqual(headerLines(run), ["stopped at step 2 · its state is kept", "Train again to continue."]);
     applyRunEvent(run, { type: "start", text: "again" }); // Train again: a new history
     assert.equal(run.points.length, 0);
     applyRunEvent(run, { type: "progress", ...progress(3, 0.2, { total: 4 }) });
@@ -268,6 +268,30 @@ describe("applyRunEvent (the WebUI tab's polled run, trainer/background.py's eve
     const run = createRun();
     applyRunEvent(run, { type: "start", text: "" });
     applyRunEvent(run, { type: "error", text: "Steps: 0 must be at least 1" });
-    assert.deepEqual(headerLines(run), ["Steps: 0 must be at least 1", ""]);
+    assert.deepEqual(headerLines(run), ["error: Steps: 0 must be at least 1", ""]);
+  });
+});
+
+describe("a run that ends without a model looks ended (ComfyUI's stop button, an error)", () => {
+  test("after the stop button the top line says stopped, not the last step's progress", () => {
+    const run = createRun();
+    feed(run, [0.5, 0.4, 0.3], 60);
+    assert.match(headerLines(run)[0], /^step 3\/60/);
+    applyEnd(run, { node: "7", step: 3, text: "Queue the same workflow again to continue from here." }, "stopped");
+    assert.deepEqual(headerLines(run), ["stopped at step 3 · its state is kept",
+      "Queue the same workflow again to continue from here."]);
+    assert.equal(run.points.length, 3); // the chart stays
+    applyProgress(run, progress(4, 0.2, { total: 60 })); // queued again: it moves on
+    assert.match(headerLines(run)[0], /^step 4\/60/);
+  });
+
+  test("an error is said as one, with where it happened", () => {
+    const run = createRun();
+    feed(run, [0.5], 60);
+    applyEnd(run, { node: "7", text: "The GPU ran out of memory in training" }, "error");
+    assert.deepEqual(headerLines(run), ["error: The GPU ran out of memory in training",
+      "at step 1/60 · loss 0.5000 · lr 2.0e-06 · 10s left"]);
+    applyDone(run, { steps: 60, output: "x.safetensors" });
+    assert.match(headerLines(run)[0], /^done/);
   });
 });
