@@ -74,7 +74,8 @@ def install_in_webui(launch) -> int:
             continue
         have = installed_version(package)
         if have is None:
-            spec = f"{line},{diffusers_cap()}" if package == "diffusers" and diffusers_cap() else line
+            cap = diffusers_cap() if package == "diffusers" else ""
+            spec = f"{line},{cap}" if cap else line
             print(f"[DreamBooth Studio] installing {spec} with the WebUI's pip")
             launch.run_pip(f'install "{spec}"', f"{package} for DreamBooth Studio")
         elif minimum and version_tuple(have) < version_tuple(minimum):

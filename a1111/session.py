@@ -24,8 +24,7 @@ class Host(form.Host, Protocol):
 def start_training(values: dict, host: Host, photos: list | None = None, run: BackgroundRun = RUN) -> TrainConfig:
     """Check the settings (a FormError or ConfigError says what is wrong before anything starts), then train in the
     background. Pressing Train again with the same settings resumes a stopped run."""
-    if run.busy:
-        raise Busy("A training run is already going: stop it, or wait until it ends.")
+    run.check_idle()  # before the form replaces the photos folder a running run may be reading
     cfg = form.train_config(values, host, photos)
     evaluation = _evaluation(cfg, host) if cfg.evaluate_every else None  # no model: said now, not in the run
 

@@ -48,11 +48,15 @@ class BackgroundRun:
     def busy(self) -> bool:
         return self.state in (RUNNING, STOPPING)
 
+    def check_idle(self) -> None:
+        """Raises Busy while a run is going (before work that must not touch its files, e.g. its photos)."""
+        if self.busy:
+            raise Busy("A training run is already going: stop it, or wait until it ends.")
+
     def start(self, job: Job, description: str = "") -> None:
         """Run `job` in a new thread. Raises Busy while another run is going."""
         with self._lock:
-            if self.busy:
-                raise Busy("A training run is already going: stop it, or wait until it ends.")
+            self.check_idle()
             self.state, self.previews, self.result = RUNNING, [], None
             self._events = []  # a page opened now sees this run only (seq goes on, so pollers just read on)
             self._stop.clear()

@@ -53,17 +53,17 @@ class Processes:
                 _all_reduce_together(bucket)
                 bucket = []
 
-    def total(self, value: float) -> float:
-        """The sum of `value` over the processes."""
+    def totals(self, *values: float) -> list[float]:
+        """Each value summed over the processes, in one collective."""
         if not self.parallel:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._collective_device())
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return float(tensor.item())
+        return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every process when one of them says so (a stop asked for on one stops all at the same step)."""
-        return self.total(1.0 if flag else 0.0) > 0 if self.parallel else flag
+        return self.totals(1.0 if flag else 0.0)[0] > 0
 
     def barrier(self) -> None:
         if self.parallel:

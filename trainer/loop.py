@@ -254,8 +254,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                             sync=lambda: processes.average_gradients(params, local_n, global_n))
 
         position.step += 1
-        loss_value, instance_value, prior_value = (processes.total(value * local_n / global_n)
-                                                   for value in to_host(loss, instance_loss, prior_loss))
+        loss_value, instance_value, prior_value = processes.totals(  # the global batch's, as one process sees it
+            *(value * local_n / global_n for value in to_host(loss, instance_loss, prior_loss)))
         losses.append(loss_value)
         if not math.isfinite(loss_value):
             raise FloatingPointError(
