@@ -20,6 +20,7 @@ class Processes:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    sharded: bool = False  # trainer/sharding.py: weights, gradients and optimizer state split across the processes
 
     @property
     def main(self) -> bool:
@@ -57,7 +58,7 @@ class Processes:
         """Each value summed over the processes, in one collective."""
         if not self.parallel:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
@@ -69,7 +70,7 @@ class Processes:
         if self.parallel:
             dist.barrier()
 
-    def _collective_device(self) -> torch.device:
+    def collective_device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 

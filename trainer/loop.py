@@ -39,6 +39,8 @@ from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
 from .priors import default_cache_root, load_prior_images, make_class_priors
 from .provenance import Provenance
 from .randomness import StepRandomness
+from .sharding import Shards, check_state_folder, optimizer_file
+from . import sharding
 from .sampling import native_size, sample_images, size_multiple, vae_dtype
 from .tokens import identifier_warnings
 
@@ -86,10 +88,18 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
             bundle = load_model(cfg.base_model, cfg.prediction_type or None, zero_terminal_snr=zero_snr)
         cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
         if processes.parallel:
-            _check_data_parallel(cfg)  # (after the memory preset, which may turn fused_backward on)
+            processes = dataclasses.replace(processes, sharded=sharding.asked(cfg.shard))
+            if processes.sharded and cfg.fused_backward and cfg.memory_preset != "custom":
+                cfg = dataclasses.replace(cfg, fused_backward=False)
+                callbacks.log(f"Sharded: fused_backward off (the memory preset {cfg.memory_preset!r} turned it on; "
+                              "sharding divides the gradients' memory by the number of processes instead)")
+            _check_data_parallel(cfg, processes.sharded)  # (after the memory preset, which may turn levers on)
             callbacks.log(f"Data parallel: {processes.size} processes x batch {cfg.batch_size} = a global batch of "
                           f"{processes.size * cfg.batch_size}; gradients averaged; learning rate {cfg.learning_rate:g} "
                           "as given (not scaled by the number of processes)")
+            if processes.sharded:
+                callbacks.log(f"Sharded (FSDP): each process holds 1/{processes.size} of the trained weights, their "
+                              "gradients and the optimizer's state")
         return _train(cfg, bundle, callbacks, randomness or StepRandomness(cfg.seed), device,
                       training_precision(cfg, device), instance_images, class_images,
                       evaluation if cfg.evaluate_every else None, processes)
@@ -179,28 +189,47 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     """The steps, with the trained modules and the optimizer on the device; both leave it when this returns."""
     device = phase.device
     _prepare_for_training(bundle, cfg, modules, phase, callbacks)
+    shards = None
+    if processes.sharded:
+        shards = Shards(modules, processes)
+        for module in modules.values():
+            phase.forget(module)  # FSDP holds it now; the run ends in this process, not back on the CPU
     unet = bundle.unet  # the step's forward; with compile_unet a compiled wrapper, and bundle.unet stays plain
     if cfg.compile_unet:
         unet = speed.compile_for_training(bundle, latents, text, cfg, device, lambda: _autocast(device, precision),
                                           callbacks)
-    params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = make_optimizer(cfg, params, device)
+    # Sharded: the optimizer steps this process's shards, and clipping (over all shards) is done before it.
+    params = shards.local if shards else [p for m in modules.values() for p in m.parameters()]
+    max_grad_norm = 0.0 if shards else cfg.max_grad_norm
+    optimizer = make_optimizer(dataclasses.replace(cfg, max_grad_norm=max_grad_norm), params, device)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 
     position, losses, evaluated = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness,
-                                          scaler, callbacks, processes)
+                                          scaler, callbacks, processes, shards)
     if cfg.channels_last:
         speed.match_state_layout(optimizer)
     resumed_from = position.step
     best = BestStep.from_list(cfg.max_pres_rise, evaluated)
 
     def save_state():
-        if processes.main:  # every process holds the same weights, optimizer state and stream
+        # Data parallel: every process holds the same weights, optimizer state and stream; rank 0 writes them.
+        # Sharded: the weights are gathered for rank 0, and each process stages its own optimizer state first.
+        weights = shards.full_states() if shards else None
+        if shards:
+            if processes.main:
+                state_io.start_staging(state_dir)
+            processes.barrier()
+            if not processes.main:
+                state_io.save_optimizer_shard(state_io.staging_dir(state_dir) / optimizer_file(processes.rank),
+                                              optimizer)
+            processes.barrier()
+        if processes.main:
             state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness,
                                 scaler=scaler, losses=losses, made_from=provenance.to_dict(),
-                                evaluations=best.to_list(), processes=processes.size)
+                                evaluations=best.to_list(), processes=processes.size, weights=weights,
+                                staged=shards is not None)
         processes.barrier()
 
     def evaluate() -> bool:
@@ -250,8 +279,12 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                 pred = unet(noisy, timesteps, **cond.unet_kwargs(time_ids)).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
-            _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm,
-                            sync=lambda: processes.average_gradients(params, local_n, global_n))
+            if shards:
+                _optimizer_step(loss * shards.loss_weight(local_n, global_n), params, optimizer, lr_scheduler, None,
+                                0.0, sync=lambda: shards.take_gradients(cfg.max_grad_norm))
+            else:
+                _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm,
+                                sync=lambda: processes.average_gradients(params, local_n, global_n))
 
         position.step += 1
         loss_value, instance_value, prior_value = processes.totals(  # the global batch's, as one process sees it
@@ -276,11 +309,13 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0 and position.step < cfg.max_train_steps:
             save_state()
         if cfg.sample_every and position.step % cfg.sample_every == 0 and position.step < cfg.max_train_steps \
-                and processes.main:
+                and (processes.main or shards):  # sharded: every process runs the UNet's blocks together
             callbacks.on_samples(position.step, _previews(bundle, cfg, callbacks, device, precision))
 
     if cfg.channels_last:
         speed.to_contiguous(bundle.unet)  # the caller gets the UNet laid out as it gave it
+    if shards:
+        modules.update(shards.unshard(bundle))  # rank 0: plain modules with the full weights, for previews and saving
     saved_step = best.best.step if best.best is not None else position.step
     if evaluation is not None and best.best is None:
         callbacks.log(f"Warning: every evaluated step let 'a {cfg.class_noun}' drift past the PRES limit "
@@ -500,7 +535,7 @@ def _warnings(cfg, bundle, instance_images) -> list[str]:
 
 
 def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks,
-            processes=distributed.SINGLE):
+            processes=distributed.SINGLE, shards: Shards | None = None):
     fresh = state_io.Position(0, [], 0), [], []
     if not cfg.resume:
         return fresh
@@ -513,13 +548,22 @@ def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, random
             raise ConfigError(f"{candidate} was saved by a run on {saved_by} process(es); this one has "
                               f"{processes.size}. Resume it with {saved_by} (accelerate launch --num_processes "
                               f"{saved_by}), or delete that folder to start again.")
+        if meta.get("sharded", False) != processes.sharded:  # its optimizer state is laid out the other way
+            raise ConfigError(f"{candidate} was saved by a {'sharded' if meta.get('sharded') else 'unsharded'} run; "
+                              f"resume it {'with' if meta.get('sharded') else 'without'} --shard (or accelerate's "
+                              "FSDP config), or delete that folder to start again.")
         if meta["fingerprint"] != provenance.fingerprint():
             differences = "; ".join(provenance.differences(meta.get("made_from")))
             callbacks.log(f"Not resuming from {candidate}: it was saved by a run made from {differences}. "
                           "Training starts again; the old state is replaced when this run saves one")
             return fresh
+        if shards:
+            check_state_folder(candidate, processes)
+        own_shard = optimizer_file(processes.rank) if shards and not processes.main else None
         position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
-                                       lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler)
+                                       lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
+                                       load_weights=shards.load_full_state if shards else None,
+                                       optimizer_shard=own_shard)
         callbacks.log(f"Resuming from step {position.step} ({candidate})")
         return position, list(meta["losses"]), list(meta.get("evaluations", []))
     return fresh
@@ -585,8 +629,12 @@ def _share_rows(global_n: int, share: slice, with_prior: bool) -> list[int]:
     return rows + [global_n + row for row in rows] if with_prior else rows
 
 
-def _check_data_parallel(cfg: TrainConfig) -> None:
-    """What does not combine with several processes, yet."""
+def _check_data_parallel(cfg: TrainConfig, sharded: bool) -> None:
+    """What does not combine with several processes, or with sharding, yet."""
+    problems = sharding.refusals(cfg) if sharded else []
+    if problems:
+        raise ConfigError("Sharded training (--shard, or accelerate's FSDP) does not combine with " +
+                          "; nor with ".join(problems) + ".")
     if cfg.fused_backward:
         raise ConfigError("fused_backward: steps the optimizer inside the backward pass, before the processes' "
                           "gradients are averaged; turn it off (or choose a memory preset without it) to train on "

@@ -309,14 +309,14 @@ def _fill_text_encoder(model: CLIPTextModel, slot: TextEncoderSlot, weights: dic
         if name.endswith("position_ids"):  # a persistent buffer in transformers < 4.31 (the A1111 WebUI's 4.30)
             state[name] = _positions(model.get_buffer(name).shape)
     _adopt(model, state, dtype)
-    _restore_position_ids(model)
+    restore_position_ids(model)
 
 
 def _positions(shape: torch.Size) -> torch.Tensor:
     return torch.arange(shape[-1]).expand(shape).clone()
 
 
-def _restore_position_ids(model: CLIPTextModel) -> None:
+def restore_position_ids(model: CLIPTextModel) -> None:
     """A meta-device build leaves computed buffers empty. CLIP's only one is position_ids (0, 1, ..., 76), which
     no checkpoint stores; any other empty buffer means transformers changed and we must not guess."""
     for name, buffer in model.named_buffers():

@@ -125,6 +125,11 @@ class Phase:
         self._notify("placed", module_tensors(module))
         return module
 
+    def forget(self, module: torch.nn.Module) -> None:
+        """A placed module that is no longer this phase's to move back (something else took it over)."""
+        self._placed.remove(module)
+        self._notify("released", module_tensors(module))
+
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._stack.close()

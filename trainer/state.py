@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 STATE_FORMAT = 1
@@ -35,13 +36,17 @@ def state_dir_for(output: str) -> Path:
 
 def save_state(directory: Path, *, fingerprint: str, position: Position, modules: dict[str, torch.nn.Module],
                optimizer, lr_scheduler, randomness, scaler, losses: list[float], made_from: dict | None = None,
-               evaluations: list[dict] = (), processes: int = 1) -> None:
+               evaluations: list[dict] = (), processes: int = 1, weights: dict | None = None,
+               staged: bool = False) -> None:
+    """`weights`: the modules' full state dicts by name when `modules` cannot give them (a sharded run's, gathered);
+    `staged`: the other processes' optimizer shards are in staging_dir(directory) already (save_optimizer_shard)."""
     opt_tensors, opt_rest = _split_tensors(optimizer.state_dict())
     opt_tensors["randomness.generator"] = randomness.state_dict()["generator"]
     meta = {
         "format": STATE_FORMAT,
         "fingerprint": fingerprint,
         "processes": processes,  # data parallel: the global batch was this many processes' batches
+        "sharded": staged,  # each process's optimizer state is its own file (trainer/sharding.py)
         "step": position.step,
         "epoch_order": position.epoch_order,
         "epoch_pos": position.epoch_pos,
@@ -52,27 +57,44 @@ def save_state(directory: Path, *, fingerprint: str, position: Position, modules
         "made_from": made_from,  # trainer/provenance.py: to say what differs when a run does not resume
         "evaluations": list(evaluations),  # trainer/evaluation.py: the scores so far
     }
-    _write(directory, {WEIGHTS: _weights(modules), OPTIMIZER: opt_tensors}, meta)
+    _write(directory, {WEIGHTS: _weights(modules, weights), OPTIMIZER: opt_tensors}, meta, staged)
+
+
+def staging_dir(directory: Path) -> Path:
+    """Where a state is written before it is swapped in."""
+    return directory.with_name(directory.name + ".tmp")
+
+
+def start_staging(directory: Path) -> None:
+    tmp = staging_dir(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def save_optimizer_shard(path: Path, optimizer) -> None:
+    """One process's optimizer state on its own (a sharded run: each process steps its own shards)."""
+    tensors, rest = _split_tensors(optimizer.state_dict())
+    save_file(tensors, path, metadata={"rest": json.dumps(rest)})
 
 
 def save_finished_state(directory: Path, *, fingerprint: str, position: Position,
                         modules: dict[str, torch.nn.Module], losses: list[float], made_from: dict | None = None,
-                        evaluations: list[dict] = ()) -> None:
+                        evaluations: list[dict] = (), weights: dict | None = None) -> None:
     """A run whose steps are all done but whose output could not be written: its weights only (no more steps will
     need the optimizer), so that running it again only saves."""
     meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
             "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses,
             "made_from": made_from, "evaluations": list(evaluations)}
-    _write(directory, {WEIGHTS: _weights(modules)}, meta)
+    _write(directory, {WEIGHTS: _weights(modules, weights)}, meta)
 
 
-def _write(directory: Path, tensor_files: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+def _write(directory: Path, tensor_files: dict[str, dict[str, torch.Tensor]], meta: dict, staged: bool = False) -> None:
     """The whole state into a folder beside `directory`, then swapped in; a write that fails (full disk, Ctrl-C)
     leaves the previous state as it was and nothing of its own behind."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(directory)
     try:
-        tmp.mkdir(parents=True)
+        if not staged:
+            start_staging(directory)
         for name, tensors in tensor_files.items():
             save_file(tensors, tmp / name)
         (tmp / "state.json").write_text(json.dumps(meta))
@@ -82,9 +104,9 @@ def _write(directory: Path, tensor_files: dict[str, dict[str, torch.Tensor]], me
     _swap_in(tmp, directory)
 
 
-def _weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v.detach().cpu().contiguous()
-            for name, module in modules.items() for k, v in module.state_dict().items()}
+def _weights(modules: dict[str, torch.nn.Module], states: dict | None = None) -> dict[str, torch.Tensor]:
+    states = states if states is not None else {name: module.state_dict() for name, module in modules.items()}
+    return {f"{name}.{k}": v.detach().cpu().contiguous() for name, state in states.items() for k, v in state.items()}
 
 
 def read_state_meta(directory: Path) -> dict | None:
@@ -95,16 +117,25 @@ def read_state_meta(directory: Path) -> dict | None:
     return meta if meta.get("format") == STATE_FORMAT else None
 
 
-def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler, randomness, scaler) -> Position:
+def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler, randomness, scaler,
+               load_weights=None, optimizer_shard: str | None = None) -> Position:
+    """`load_weights(name, state)` puts a module's full weights in place when load_state_dict cannot (sharded);
+    `optimizer_shard`: this process's own optimizer file (sharded, ranks other than 0)."""
     weights = load_file(directory / WEIGHTS)
     for name, module in modules.items():
         prefix = f"{name}."
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        (load_weights or (lambda _, s: module.load_state_dict(s)))(name, state)
     if meta.get("finished"):  # all steps done: nothing else is needed to save the output
         return Position(meta["step"], meta["epoch_order"], meta["epoch_pos"])
     opt_tensors = load_file(directory / OPTIMIZER)
     randomness.load_state_dict({"generator": opt_tensors.pop("randomness.generator")})
-    optimizer.load_state_dict(_join_tensors(opt_tensors, meta["optimizer"]))
+    rest = meta["optimizer"]
+    if optimizer_shard:
+        with safe_open(directory / optimizer_shard, "pt") as file:
+            rest = json.loads(file.metadata()["rest"])
+        opt_tensors = load_file(directory / optimizer_shard)
+    optimizer.load_state_dict(_join_tensors(opt_tensors, rest))
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     if scaler is not None and meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])

@@ -1,0 +1,119 @@
+"""Sharded data parallel (trainer/sharding.py, PyTorch FSDP) on the CPU: two processes on the gloo backend, each
+holding half of the trained weights, gradients and optimizer state, against one unsharded process with the same
+global batch and draws."""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.test_data_parallel import ROOT, command, max_difference, run
+from tests.tiny import tiny_bundle
+from trainer.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.slow
+SHARDED_SAYS = "Sharded (FSDP): each process holds 1/2 of the trained weights, their gradients and the optimizer's state"
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("sharded")
+    paths = {family: folder / f"tiny-{family}.safetensors" for family in ("sd1", "sdxl")}
+    for family, path in paths.items():
+        save_checkpoint(tiny_bundle(family), path, {}, dtype=torch.float32)
+    return paths
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_two_sharded_processes_learn_what_one_process_with_the_global_batch_does(bases, family, tmp_path):
+    # The text encoders trained too (SDXL's two: what sharding is for). SD 1.x: 5 photos in global batches of 2, so
+    # every third step one process trains on nothing, at weight 0; and previews every 2 steps, which every process
+    # draws together (the UNet's blocks are gathered across them).
+    steps = ["--max-train-steps", "6" if family == "sd1" else "3", "--train-text-encoder"]
+    if family == "sdxl":
+        steps += ["--resolution", "64"]
+    else:
+        steps += ["--sample-every", "2", "--sample-prompts", "a zwx dog"]
+    one = run(command(bases[family], tmp_path / "one.safetensors", 1, 2, *steps))
+    two = run(command(bases[family], tmp_path / "two.safetensors", 2, 1, *steps, "--shard"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (two.stdout + two.stderr).count(SHARDED_SAYS) == 1
+    base, trained = load_file(bases[family]), load_file(tmp_path / "one.safetensors")
+    last_encoder = "conditioner.embedders.1." if family == "sdxl" else "cond_stage_model."
+    assert any(not torch.equal(base[k], trained[k]) for k in trained if k.startswith(last_encoder))  # it trained
+    assert max_difference(bases[family], tmp_path / "one.safetensors") > 1e-3
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") < 1e-6
+
+
+def optimizer_elements(path: Path) -> int:
+    with safe_open(path, "pt") as file:
+        return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+
+
+def test_a_killed_sharded_run_resumes_to_the_uninterrupted_runs_weights(bases, tmp_path):
+    steps = ["--max-train-steps", "8", "--checkpoint-every", "2", "--shard"]
+    straight = run(command(bases["sd1"], tmp_path / "straight.safetensors", 2, 1, *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    output = tmp_path / "killed.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command(bases["sd1"], output, 2, 1, *steps), cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # kill every process of the run once it is past the state of step 2
+        if line.startswith("Training 3/8"):
+            subprocess.run(["pkill", "-KILL", "-f", str(output)], check=True)
+            break
+    process.wait(60)
+    assert not output.exists()
+
+    # Each process saved its own half of the optimizer's state (AdamW: two moments per trained weight).
+    state = tmp_path / "killed.state"
+    meta = json.loads((state / "state.json").read_text())
+    assert meta["step"] == 2 and meta["processes"] == 2 and meta["sharded"] is True
+    weights = sum(t.numel() for t in load_file(state / "weights.tensors").values())
+    moments = 2 * weights  # one unsharded AdamW's state
+    halves = [optimizer_elements(state / name) for name in ("optimizer.tensors", "optimizer.rank1.tensors")]
+    assert all(0.45 * moments < half < 0.55 * moments for half in halves), (halves, moments)
+    assert moments <= sum(halves) <= moments + 10_000  # (+ the step counts and the draws' generator, on rank 0)
+
+    unsharded = run(command(bases["sd1"], output, 2, 1, *steps[:-1]))
+    assert unsharded.returncode != 0
+    assert "was saved by a sharded run; resume it with --shard" in unsharded.stderr
+
+    resumed = run(command(bases["sd1"], output, 2, 1, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 2" in resumed.stdout
+    assert max_difference(tmp_path / "straight.safetensors", output) == 0  # the same draws, the same arithmetic
+
+
+def test_accelerates_fsdp_config_shards_with_8bit_adamw(bases, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    steps = ["--max-train-steps", "4", "--optimizer", "adamw8bit"]
+    one = run(command(bases["sd1"], tmp_path / "one.safetensors", 1, 2, *steps))
+    # accelerate launch --use_fsdp: what an accelerate config with distributed_type FSDP does
+    launch = [part for part in command(bases["sd1"], tmp_path / "two.safetensors", 2, 1, *steps,
+                                       launcher="accelerate") if part != "--multi_gpu"]
+    two = run(launch[:3] + ["--use_fsdp"] + launch[3:])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert SHARDED_SAYS in two.stdout
+    # 8-bit moments are quantized in blocks of each process's shard instead of each whole tensor: the same
+    # optimizer up to that quantization (observed 0.1% of how far the weights moved).
+    moved = max_difference(bases["sd1"], tmp_path / "one.safetensors")
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") < 0.01 * moved
+
+
+def test_what_does_not_combine_with_sharding_is_refused_with_the_reason(bases, tmp_path):
+    refused = run(command(bases["sd1"], tmp_path / "refused.safetensors", 2, 1, "--max-train-steps", "2", "--shard",
+                          "--optimizer", "adafactor", "--mixed-precision", "fp16"))
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert "Sharded training (--shard, or accelerate's FSDP) does not combine with mixed_precision 'fp16'" in said
+    assert "nor with optimizer 'adafactor': its factored statistics" in said
+    assert not (tmp_path / "refused.safetensors").exists()
