@@ -49,9 +49,10 @@ MODELS = [("sd1", "epsilon"), ("sd1", "v_prediction"), ("sd2", "v_prediction")]
 
 # Both runs use the same torch, in one process each, with the same number of threads (run_reference), and the harness
 # has the reference encode its images one at a time as our latent cache does. Then both do the same arithmetic in the
-# same order, and the losses and weights are equal exactly, at any thread count and on any CPU. Anything less would
-# need a tolerance that AdamW defeats: where a gradient element is at rounding level its update is about +-lr whatever
-# the gradient's size (lr * m / (sqrt(v) + 1e-8)), so a rounding difference anywhere can become a difference of lr.
+# same order on the same CPU kernels, and the losses and weights are equal exactly, whatever the thread count or the
+# kernels the CPU picks (checked: 1 and 2 threads, AVX-512 and AVX2 kernels). Anything less would need a tolerance
+# that AdamW defeats: where a gradient element is at rounding level its update is about +-lr whatever the gradient's
+# size (lr * m / (sqrt(v) + 1e-8)), so a rounding difference anywhere can become a difference of lr.
 MIN_MOVEMENT = 1e-4  # the reference's weights must move (~5e-4 in 5 steps at lr 1e-4): equality is not of two no-ops
 
 
