@@ -19,9 +19,19 @@ plus, for checking, the posterior mean and std each step's latents were sampled 
 RECORD_DIR/records.json and RECORD_DIR/draws.safetensors; the trained weights are where the script saves them
 (OUTPUT_DIR/unet, OUTPUT_DIR/text_encoder).
 
-One thing is made deterministic in the reference: DreamBoothDataset lists its folders with Path.iterdir(), whose
-order is whatever the file system returns. The hook sorts both lists by file name (as trainer.dataset does), so
-dataset index i means the same pair of images in both implementations. Nothing else in the script is changed.
+Two things are changed in the reference, neither of them its method:
+
+- DreamBoothDataset lists its folders with Path.iterdir(), whose order is whatever the file system returns. The hook
+  sorts both lists by file name (as trainer.dataset does), so dataset index i means the same pair of images in both
+  implementations.
+- The script encodes each step's images through the VAE as one batch; our latent cache encodes each image alone. The
+  two differ by rounding (~2e-6 in the posteriors), which AdamW turns into visible weight differences wherever a
+  gradient element is itself near rounding level. The hook turns on the VAE's own slicing (AutoencoderKL.use_slicing:
+  a batch goes through the encoder one image at a time, the results concatenated), so both sides sample from the
+  same posteriors bit for bit.
+
+The child also runs with the caller's torch thread count (OMP_NUM_THREADS): a CPU kernel may split its sums by thread,
+so both sides must use the same number to round the same way.
 """
 from __future__ import annotations
 
@@ -102,14 +112,14 @@ class ReferenceRun:
 
 def run_reference(script, args: list[str], record_dir, *, python: str | None = None, timeout: float = 1800,
                   threads: int | None = None) -> ReferenceRun:
-    """Run the reference script offline in a subprocess with the recording hooks; return its records."""
+    """Run the reference script offline in a subprocess with the recording hooks; return its records. The child
+    uses `threads` torch threads, by default as many as this process."""
     record_dir = Path(record_dir)
     record_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                DIFFUSERS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads or torch.get_num_threads())
     command = [python or sys.executable, str(Path(__file__).resolve()), str(record_dir), str(script), "--", *args]
     proc = subprocess.run(command, cwd=record_dir, env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr
@@ -220,6 +230,7 @@ class _Recorder:
 
 def _install_hooks(recorder: _Recorder) -> None:
     import accelerate
+    import diffusers
     import torch.utils.data
     from diffusers.models.autoencoders import vae as vae_module
 
@@ -235,6 +246,14 @@ def _install_hooks(recorder: _Recorder) -> None:
         return self.mean + self.std * eps
 
     vae_module.DiagonalGaussianDistribution.sample = sample
+
+    encode = diffusers.AutoencoderKL.encode
+
+    def encode_per_image(self, x, return_dict=True):  # as our latent cache does (see the module docstring)
+        self.use_slicing = True
+        return encode(self, x, return_dict)
+
+    diffusers.AutoencoderKL.encode = encode_per_image
 
     randn_like, randint = torch.randn_like, torch.randint
 

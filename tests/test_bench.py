@@ -12,6 +12,10 @@ import torch
 from bench import dreambooth_bench as bench
 from trainer.config import TrainConfig
 
+# bench.main(["--threads", "1", ...]) sets this process's torch threads; the fixture (conftest.py) gives the count back
+# when the module ends, so later modules (the reference comparison among them) run at the session's own.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_settings_combine_our_overrides_and_reference_flags():
     setting = bench.parse_setting("bf16+8bit+gc")
