@@ -1,9 +1,12 @@
 // Live progress on the DreamBooth Train node: a status line and the loss curve, fed by the
-// "dreambooth.progress" / "status" / "done" / "stopped" / "error" messages of nodes/comfy_hooks.py and nodes/train.py.
+// "dreambooth.progress" / "status" / "done" / "stopped" / "error" messages of nodes/comfy_hooks.py and nodes/train.py,
+// and on load by the last runs the server remembers (a reloaded page shows them again).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { applyDone, applyEnd, applyProgress, applyStatus, createRun, matchRunKey } from "./dreambooth_chart_core.js";
+import {
+  applyDone, applyEnd, applyProgress, applyStatus, createRun, matchRunKey, replayRun,
+} from "./dreambooth_chart_core.js";
 import { PANEL_MIN_HEIGHT, drawPanel } from "./dreambooth_chart_draw.js";
 
 const NODE_CLASS = "DBStudioTrain";
@@ -35,6 +38,20 @@ function listener(apply) {
     apply(run, msg);
     requestRedraw();
   };
+}
+
+/** The last runs the server remembers (GET /dreambooth/runs): a page opened or reloaded later shows them. */
+async function restoreRuns() {
+  try {
+    const response = await api.fetchApi("/dreambooth/runs");
+    if (!response.ok) return;
+    for (const [key, events] of Object.entries(await response.json())) {
+      if (!runs.has(key)) runs.set(key, replayRun(events)); // a live message got here first: it is newer
+    }
+    requestRedraw();
+  } catch (error) {
+    console.warn("DreamBooth: the last runs could not be read", error);
+  }
 }
 
 // ---------- redraw, at most once per animation frame ----------
@@ -160,6 +177,7 @@ app.registerExtension({
     api.addEventListener("dreambooth.done", listener(applyDone));
     api.addEventListener("dreambooth.stopped", listener((run, msg) => applyEnd(run, msg, "stopped")));
     api.addEventListener("dreambooth.error", listener((run, msg) => applyEnd(run, msg, "error")));
+    restoreRuns(); // not awaited: the page does not wait for it
   },
 
   nodeCreated(node) {

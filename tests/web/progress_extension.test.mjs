@@ -18,6 +18,9 @@ const frames = []; // pending requestAnimationFrame callbacks
 const flushFrames = () => frames.splice(0).forEach((cb) => cb(0));
 const contexts = []; // one fake 2D context per <canvas> made by the extension
 
+let answerRuns; // resolves the extension's GET /dreambooth/runs, which a test answers late (as a slow server)
+const runsAnswer = new Promise((resolve) => { answerRuns = (body) => resolve({ ok: true, json: async () => body }); });
+
 const fake = {
   app: {
     extensions: [],
@@ -26,7 +29,10 @@ const fake = {
     graph: { setDirtyCanvas: () => { fake.app.dirty += 1; } },
     registerExtension(ext) { this.extensions.push(ext); },
   },
-  api: new EventTarget(),
+  api: Object.assign(new EventTarget(), {
+    fetched: [],
+    fetchApi(route) { this.fetched.push(route); return runsAnswer; },
+  }),
 };
 
 function fakeCanvas() {
@@ -157,4 +163,27 @@ test("without addDOMWidget the panel is drawn in onDrawForeground under the widg
   const collapsed = fakeContext();
   node.onDrawForeground(collapsed);
   assert.equal(collapsed.calls.length, 0, "nothing drawn while collapsed");
+});
+
+test("a page opened later shows the runs the server remembers; a run already live keeps its own", async () => {
+  assert.deepEqual(fake.api.fetched, ["/dreambooth/runs"], "asked once, at setup");
+  const node = makeNode(40);
+  ext.nodeCreated(node);
+  const ctx = contexts.at(-1);
+  const hint = "Queue the same workflow again to continue from here.";
+  answerRuns({
+    40: [{ type: "status", text: "Training SD 1.x at 64 px" },
+      { type: "progress", step: 1, total: 60, loss: 1.5 },
+      { type: "progress", step: 7, total: 60, loss: 1.6391, lr: 1e-5, eta_s: 1697 },
+      { type: "stopped", step: 7, text: hint }],
+    7: [{ type: "progress", step: 1, total: 9, loss: 9 }], // older than what this page saw live
+  });
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  flushFrames();
+  assert.deepEqual(lastTexts(ctx).slice(0, 2), ["stopped at step 7 · its state is kept", hint]);
+  assert.ok(ctx.calls.filter((c) => c.name === "lineTo").length >= 2, "the restored curve is drawn");
+  const again = makeNode(7);
+  ext.nodeCreated(again);
+  flushFrames();
+  assert.equal(lastTexts(contexts.at(-1))[0], "done · 400 steps · dreambooth/zwx-dog.safetensors");
 });
