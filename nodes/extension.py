@@ -13,11 +13,12 @@ from .train import DreamBoothTrain
 class DreamBoothExtension(ComfyExtension):
     async def on_load(self) -> None:
         from ..trainer import quiet
-        from .comfy_hooks import add_routes
 
         quiet.install()  # three library notices nobody using the pack can act on; nothing else is filtered
-        add_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .comfy_hooks import add_routes
+
+        add_routes()  # here, called once at load: ComfyUI 0.3.64 never calls on_load
         return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
                 ToySubjectPhotos, MeasureSubjectFidelity]

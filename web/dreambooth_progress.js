@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyDone, applyEnd, applyProgress, applyStatus, createRun, matchRunKey, replayRun,
+  applyDone, applyEnd, applyProgress, applyStatus, createRun, headerLines, matchRunKey, replayRun,
 } from "./dreambooth_chart_core.js";
 import { PANEL_MIN_HEIGHT, drawPanel } from "./dreambooth_chart_draw.js";
 
@@ -87,12 +87,16 @@ function paintCanvas(canvas, node) {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, w, h);
-  drawPanel(ctx, runForNode(node), 0, 0, w, h);
+  const run = runForNode(node);
+  drawPanel(ctx, run, 0, 0, w, h);
   canvas.dataset.ratio = String(ratio);
+  canvas.setAttribute("aria-label", headerLines(run).filter(Boolean).join(" — ")); // the status, for screen readers
 }
 
 function attachCanvasWidget(node) {
   const canvas = document.createElement("canvas");
+  canvas.className = "dreambooth-panel";
+  canvas.setAttribute("role", "img");
   Object.assign(canvas.style, { width: "100%", height: "100%", display: "block" });
   const widget = node.addDOMWidget("dreambooth_progress", "dreambooth_progress", canvas, {
     serialize: false, // not an input: stays out of the prompt

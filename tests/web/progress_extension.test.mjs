@@ -38,7 +38,8 @@ const fake = {
 function fakeCanvas() {
   const ctx = fakeContext();
   contexts.push(ctx);
-  return { style: {}, dataset: {}, width: 0, height: 0, clientWidth: 360, clientHeight: 170, getContext: () => ctx };
+  return { style: {}, dataset: {}, attributes: {}, width: 0, height: 0, clientWidth: 360, clientHeight: 170,
+    getContext: () => ctx, setAttribute(name, value) { this.attributes[name] = String(value); } };
 }
 
 /** A LiteGraph-like node; withDom=false models a frontend without addDOMWidget. */
@@ -133,6 +134,9 @@ test("messages reach the node's chart, repainted once per animation frame", () =
   ctx.calls.length = 0;
   flushFrames();
   assert.equal(lastTexts(ctx)[0], "done · 400 steps · dreambooth/zwx-dog.safetensors");
+  // the status lines as the canvas's text too (screen readers, the browser test)
+  assert.equal(globalThis.__node7.widgets[0].element.attributes["aria-label"],
+    "done · 400 steps · dreambooth/zwx-dog.safetensors — step 3/400 · loss 0.3000 · lr 2.0e-06 · 3m12s left");
 });
 
 test("a node inside a subgraph is found by the last part of its path", () => {
