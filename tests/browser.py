@@ -28,7 +28,7 @@ def browser_page(profile: Path) -> Iterator[tuple]:
         context = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=chromium, headless=True, args=args, viewport={"width": 1280, "height": 1000})
         page = context.new_page()
-        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on("pageerror", lambda error: problems.append(f"page error: {error} {error.stack}"))
         page.on("console", lambda message: problems.append(f"console: {message.text} {message.location}")
                 if message.type == "error" and "dreambooth" in json.dumps(message.location).lower() else None)
         try:
