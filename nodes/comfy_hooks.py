@@ -12,7 +12,7 @@ from server import PromptServer
 
 from ..trainer.callbacks import Callbacks, StepInfo
 from ..trainer.hosts import StepLog
-from .comfy_io import node_message
+from .comfy_io import RunLog, node_message
 
 Interrupted = comfy.model_management.InterruptProcessingException
 OUTPUT_SUBFOLDER = "dreambooth"  # trained checkpoints land in models/checkpoints/dreambooth/
@@ -57,6 +57,19 @@ def release() -> None:
     comfy.model_management.soft_empty_cache()
 
 
+# Each Train node's last run (server node id -> its log), served to a page that opens later.
+RUNS: dict[str, RunLog] = {}
+
+
+def add_routes() -> None:
+    """GET /dreambooth/runs: {node id: the messages of its last run} (web/dreambooth_progress.js, on load)."""
+    from aiohttp import web
+
+    @PromptServer.instance.routes.get("/dreambooth/runs")
+    async def last_runs(request):
+        return web.json_response({node: list(run.events) for node, run in list(RUNS.items())})
+
+
 def log(message: str) -> None:
     logging.info("[DreamBooth] %s", message)
 
@@ -73,6 +86,7 @@ class ComfyCallbacks(Callbacks):
         self.step_log = StepLog()
 
     def send(self, event: str, **data) -> None:
+        RUNS.setdefault(self.node_id, RunLog()).add(event, data)
         PromptServer.instance.send_sync(f"dreambooth.{event}", {"node": self.node_id, **data})
 
     def on_step(self, info: StepInfo) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +78,34 @@ def plain_errors(renames: dict[str, str]) -> Iterator[None]:
         except TypeError:  # a builtin that takes more than a message (UnicodeDecodeError...)
             replacement = RuntimeError(message)
         raise replacement from error
+
+
+# --- a Train node's last run, for a page opened later -------------------------------------------------------------
+
+class RunLog:
+    """The messages a Train node's panel got for its last run, for a page opened or reloaded later to replay
+    (web/dreambooth_chart_core.js, replayRun): ComfyUI re-sends no output after a reload, and a stopped or failed run
+    has none. A new run (step 1, or another step count) starts the log again; a step's message keeps only step, total
+    and loss once a newer one came, and past `max_steps` every other step is dropped (first and last kept)."""
+
+    SLIM = ("type", "step", "total", "loss")
+
+    def __init__(self, max_steps: int = 1000):
+        self.max_steps = max_steps
+        self.events: list[dict] = []
+        self._total = None
+
+    def add(self, kind: str, data: dict) -> None:
+        event = {"type": kind, **data}
+        if kind == "progress":
+            # NaN is not JSON for the page; its chart reads null as a skipped loss
+            event = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in event.items()}
+            if event["step"] <= 1 or event["total"] != self._total:
+                self.events = []
+            self._total = event["total"]
+            self.events = [{k: e[k] for k in self.SLIM} if e["type"] == "progress" else e for e in self.events]
+            steps = [i for i, e in enumerate(self.events) if e["type"] == "progress"]
+            if len(steps) >= self.max_steps:
+                dropped = set(steps[1:-1:2])
+                self.events = [e for i, e in enumerate(self.events) if i not in dropped]
+        self.events.append(event)

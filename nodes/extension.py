@@ -17,5 +17,8 @@ class DreamBoothExtension(ComfyExtension):
         quiet.install()  # three library notices nobody using the pack can act on; nothing else is filtered
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .comfy_hooks import add_routes
+
+        add_routes()  # here, called once at load: ComfyUI 0.3.64 never calls on_load
         return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
                 ToySubjectPhotos, MeasureSubjectFidelity]

@@ -16,9 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -26,6 +24,7 @@ import torch
 from PIL import Image
 
 from bench.models import tiny_text_config, tiny_unet_config, tiny_vae_config
+from tests.browser import browser_page
 from tests.tiny import PHOTOS, tiny_bundle
 from trainer.checkpoint import read_trigger_phrase, save_checkpoint
 
@@ -178,30 +177,6 @@ def settings(webui: WebUI, output_name: str, **overrides) -> dict:
     return {"ckpt_name": base_title(webui), "identifier": "zwx", "class_noun": "dog", "steps": 4, "resolution": 64,
             "num_class_images": 2, "learning_rate": 1e-3, "memory_preset": "custom", "optimizer": "adamw",
             "output_name": output_name, **overrides}
-
-
-@contextmanager
-def browser_page(profile: Path) -> Iterator[tuple]:
-    """A page of headless Chromium (Debian's, or CHROMIUM) driven by Playwright, and the list that collects the page's
-    errors and the console errors of this extension's scripts. Skips without Playwright or Chromium."""
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("no Chromium: apt-get install chromium, or set CHROMIUM")
-    problems = []
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=chromium, headless=True, args=args, viewport={"width": 1280, "height": 1000})
-        page = context.new_page()
-        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        page.on("console", lambda message: problems.append(f"console: {message.text} {message.location}")
-                if message.type == "error" and "dreambooth" in json.dumps(message.location).lower() else None)
-        try:
-            yield page, problems
-        finally:
-            context.close()
 
 
 def open_the_tab(page, webui: WebUI) -> None:

@@ -1,4 +1,5 @@
 """The node-side conversions, without ComfyUI."""
+import json
 import os
 
 import numpy as np
@@ -131,3 +132,28 @@ def test_the_step_log_writes_a_line_every_10_steps_or_30_seconds_and_the_last_st
                                                    "rate 0.0001, 1:01 elapsed, about 1:02:05 left")
     resumed = StepLog()
     assert resumed.line(step(57)) and not resumed.line(step(58))  # a resumed run logs its first step too
+
+
+def test_a_train_nodes_run_log_keeps_its_last_run_compact_for_a_page_opened_later():
+    log = comfy_io.RunLog(max_steps=8)
+    step = {"instance_loss": 0.1, "prior_loss": 0.2, "lr": 1e-5, "elapsed_s": 1.0, "eta_s": 9.0}
+    log.add("progress", {"step": 1, "total": 3, "loss": 0.9, **step})
+    log.add("done", {"output": "dreambooth/old.safetensors", "steps": 3})
+    log.add("status", {"text": "Training SD 1.x at 64 px"})
+    for n in range(1, 41):  # a new run: step 1 again, another step count
+        log.add("progress", {"step": n, "total": 60, "loss": float("nan") if n == 5 else 1 / n, **step})
+    log.add("stopped", {"step": 40, "text": "Queue the same workflow again to continue from here."})
+    steps = [e for e in log.events if e["type"] == "progress"]
+    assert [e["type"] for e in log.events] == ["progress"] * len(steps) + ["stopped"]  # the old run is gone
+    assert len(steps) <= 8 and steps[0]["step"] == 1 and steps[-1]["step"] == 40
+    assert steps == sorted(steps, key=lambda e: e["step"])
+    assert steps[0] == {"type": "progress", "step": 1, "total": 60, "loss": 1.0}  # slimmed: the chart's point
+    assert steps[-1] == {"type": "progress", "step": 40, "total": 60, "loss": 1 / 40, **step}  # the status line's
+    json.dumps(log.events, allow_nan=False)  # the page reads it as JSON
+
+    nan = comfy_io.RunLog()
+    nan.add("progress", {"step": 1, "total": 2, "loss": float("nan"), **step})
+    assert nan.events[0]["loss"] is None  # a skipped point on the chart
+    nan.add("progress", {"step": 2, "total": 2, "loss": 0.5, **step})
+    nan.add("progress", {"step": 2, "total": 2, "loss": 0.4, **step})  # resumed from an earlier state: kept, the
+    assert [e["step"] for e in nan.events] == [1, 2, 2]  # page drops the later points as it did live

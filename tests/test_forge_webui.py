@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bench.models import random_bundle
-from tests.test_a1111_webui import ROOT, WebUI, browser_page, open_the_tab
+from tests.browser import browser_page
+from tests.test_a1111_webui import ROOT, WebUI, open_the_tab
 from tests.tiny import PHOTOS
 from trainer.checkpoint import read_trigger_phrase, save_checkpoint
 

@@ -254,6 +254,15 @@ export function headerLines(run) {
   return [run.statusText || "waiting for a run", ""];
 }
 
+// ---------- a run told again ----------
+
+/** A run rebuilt from the messages it got, in order (a page opened after them: nodes/comfy_io.py's RunLog). */
+export function replayRun(events) {
+  const run = createRun();
+  for (const event of events) applyRunEvent(run, event);
+  return run;
+}
+
 // ---------- the WebUI tab's run ----------
 
 /**

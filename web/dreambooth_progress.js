@@ -1,9 +1,12 @@
 // Live progress on the DreamBooth Train node: a status line and the loss curve, fed by the
-// "dreambooth.progress" / "status" / "done" / "stopped" / "error" messages of nodes/comfy_hooks.py and nodes/train.py.
+// "dreambooth.progress" / "status" / "done" / "stopped" / "error" messages of nodes/comfy_hooks.py and nodes/train.py,
+// and on load by the last runs the server remembers (a reloaded page shows them again).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { applyDone, applyEnd, applyProgress, applyStatus, createRun, matchRunKey } from "./dreambooth_chart_core.js";
+import {
+  applyDone, applyEnd, applyProgress, applyStatus, createRun, headerLines, matchRunKey, replayRun,
+} from "./dreambooth_chart_core.js";
 import { PANEL_MIN_HEIGHT, drawPanel } from "./dreambooth_chart_draw.js";
 
 const NODE_CLASS = "DBStudioTrain";
@@ -35,6 +38,20 @@ function listener(apply) {
     apply(run, msg);
     requestRedraw();
   };
+}
+
+/** The last runs the server remembers (GET /dreambooth/runs): a page opened or reloaded later shows them. */
+async function restoreRuns() {
+  try {
+    const response = await api.fetchApi("/dreambooth/runs");
+    if (!response.ok) return;
+    for (const [key, events] of Object.entries(await response.json())) {
+      if (!runs.has(key)) runs.set(key, replayRun(events)); // a live message got here first: it is newer
+    }
+    requestRedraw();
+  } catch (error) {
+    console.warn("DreamBooth: the last runs could not be read", error);
+  }
 }
 
 // ---------- redraw, at most once per animation frame ----------
@@ -70,12 +87,16 @@ function paintCanvas(canvas, node) {
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, w, h);
-  drawPanel(ctx, runForNode(node), 0, 0, w, h);
+  const run = runForNode(node);
+  drawPanel(ctx, run, 0, 0, w, h);
   canvas.dataset.ratio = String(ratio);
+  canvas.setAttribute("aria-label", headerLines(run).filter(Boolean).join(" — ")); // the status, for screen readers
 }
 
 function attachCanvasWidget(node) {
   const canvas = document.createElement("canvas");
+  canvas.className = "dreambooth-panel";
+  canvas.setAttribute("role", "img");
   Object.assign(canvas.style, { width: "100%", height: "100%", display: "block" });
   const widget = node.addDOMWidget("dreambooth_progress", "dreambooth_progress", canvas, {
     serialize: false, // not an input: stays out of the prompt
@@ -160,6 +181,7 @@ app.registerExtension({
     api.addEventListener("dreambooth.done", listener(applyDone));
     api.addEventListener("dreambooth.stopped", listener((run, msg) => applyEnd(run, msg, "stopped")));
     api.addEventListener("dreambooth.error", listener((run, msg) => applyEnd(run, msg, "error")));
+    restoreRuns(); // not awaited: the page does not wait for it
   },
 
   nodeCreated(node) {

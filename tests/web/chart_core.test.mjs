@@ -5,7 +5,7 @@ import { describe, test } from "node:test";
 import {
   MAX_POINTS, addPoint, applyDone, applyEnd, applyProgress, applyRunEvent, applyStatus, createRun, decimate, ema, emaStep, emaValue,
   formatAxis, formatDuration, formatLoss, formatLr, halve, headerLines, isNewRun, lossRange, matchRunKey,
-  progressText, quantile, scale,
+  progressText, quantile, replayRun, scale,
 } from "../../web/dreambooth_chart_core.js";
 
 const close = (a, b, eps = 1e-12) => assert.ok(Math.abs(a - b) <= eps, `${a} != ${b}`);
@@ -293,5 +293,30 @@ describe("a run that ends without a model looks ended (ComfyUI's stop button, an
       "at step 1/60 · loss 0.5000 · lr 2.0e-06 · 10s left"]);
     applyDone(run, { steps: 60, output: "x.safetensors" });
     assert.match(headerLines(run)[0], /^done/);
+  });
+});
+
+describe("a run told again to a page opened later (replayRun, nodes/comfy_io.py's RunLog)", () => {
+  test("the messages replayed give the panel the live page had: points, smoothing, stop and resume", () => {
+    const messages = [
+      { type: "status", text: "Training SD 1.x at 64 px" },
+      ...[0.5, 0.4, 0.45].map((loss, i) => ({ type: "progress", ...progress(i + 1, loss, { total: 60 }) })),
+      { type: "stopped", step: 3, text: "Queue the same workflow again to continue from here." },
+      { type: "progress", ...progress(3, 0.3, { total: 60 }) }, // resumed from an earlier state: step 3 again
+      { type: "progress", ...progress(4, 0.2, { total: 60 }) },
+      { type: "done", output: "dreambooth/zwx-dog.safetensors", steps: 60 },
+    ];
+    const live = createRun(); // as web/dreambooth_progress.js's listeners apply them
+    const listeners = { status: applyStatus, progress: applyProgress, done: applyDone,
+      stopped: (run, msg) => applyEnd(run, msg, "stopped") };
+    messages.forEach(({ type, ...msg }) => listeners[type](live, msg));
+    const replayed = replayRun(messages);
+    assert.deepEqual(replayed.points, live.points);
+    assert.deepEqual(replayed.points.map((p) => p.step), [1, 2, 3, 4]);
+    assert.deepEqual(headerLines(replayed), headerLines(live));
+    assert.equal(headerLines(replayed)[0], "done · 60 steps · dreambooth/zwx-dog.safetensors");
+    assert.deepEqual(headerLines(replayRun(messages.slice(0, 5))),
+      ["stopped at step 3 · its state is kept", "Queue the same workflow again to continue from here."]);
+    assert.deepEqual(headerLines(replayRun([])), ["waiting for a run", ""]);
   });
 });

@@ -18,6 +18,9 @@ const frames = []; // pending requestAnimationFrame callbacks
 const flushFrames = () => frames.splice(0).forEach((cb) => cb(0));
 const contexts = []; // one fake 2D context per <canvas> made by the extension
 
+let answerRuns; // resolves the extension's GET /dreambooth/runs, which a test answers late (as a slow server)
+const runsAnswer = new Promise((resolve) => { answerRuns = (body) => resolve({ ok: true, json: async () => body }); });
+
 const fake = {
   app: {
     extensions: [],
@@ -26,13 +29,17 @@ const fake = {
     graph: { setDirtyCanvas: () => { fake.app.dirty += 1; } },
     registerExtension(ext) { this.extensions.push(ext); },
   },
-  api: new EventTarget(),
+  api: Object.assign(new EventTarget(), {
+    fetched: [],
+    fetchApi(route) { this.fetched.push(route); return runsAnswer; },
+  }),
 };
 
 function fakeCanvas() {
   const ctx = fakeContext();
   contexts.push(ctx);
-  return { style: {}, dataset: {}, width: 0, height: 0, clientWidth: 360, clientHeight: 170, getContext: () => ctx };
+  return { style: {}, dataset: {}, attributes: {}, width: 0, height: 0, clientWidth: 360, clientHeight: 170,
+    getContext: () => ctx, setAttribute(name, value) { this.attributes[name] = String(value); } };
 }
 
 /** A LiteGraph-like node; withDom=false models a frontend without addDOMWidget. */
@@ -127,6 +134,9 @@ test("messages reach the node's chart, repainted once per animation frame", () =
   ctx.calls.length = 0;
   flushFrames();
   assert.equal(lastTexts(ctx)[0], "done · 400 steps · dreambooth/zwx-dog.safetensors");
+  // the status lines as the canvas's text too (screen readers, the browser test)
+  assert.equal(globalThis.__node7.widgets[0].element.attributes["aria-label"],
+    "done · 400 steps · dreambooth/zwx-dog.safetensors — step 3/400 · loss 0.3000 · lr 2.0e-06 · 3m12s left");
 });
 
 test("a node inside a subgraph is found by the last part of its path", () => {
@@ -157,4 +167,27 @@ test("without addDOMWidget the panel is drawn in onDrawForeground under the widg
   const collapsed = fakeContext();
   node.onDrawForeground(collapsed);
   assert.equal(collapsed.calls.length, 0, "nothing drawn while collapsed");
+});
+
+test("a page opened later shows the runs the server remembers; a run already live keeps its own", async () => {
+  assert.deepEqual(fake.api.fetched, ["/dreambooth/runs"], "asked once, at setup");
+  const node = makeNode(40);
+  ext.nodeCreated(node);
+  const ctx = contexts.at(-1);
+  const hint = "Queue the same workflow again to continue from here.";
+  answerRuns({
+    40: [{ type: "status", text: "Training SD 1.x at 64 px" },
+      { type: "progress", step: 1, total: 60, loss: 1.5 },
+      { type: "progress", step: 7, total: 60, loss: 1.6391, lr: 1e-5, eta_s: 1697 },
+      { type: "stopped", step: 7, text: hint }],
+    7: [{ type: "progress", step: 1, total: 9, loss: 9 }], // older than what this page saw live
+  });
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  flushFrames();
+  assert.deepEqual(lastTexts(ctx).slice(0, 2), ["stopped at step 7 · its state is kept", hint]);
+  assert.ok(ctx.calls.filter((c) => c.name === "lineTo").length >= 2, "the restored curve is drawn");
+  const again = makeNode(7);
+  ext.nodeCreated(again);
+  flushFrames();
+  assert.equal(lastTexts(contexts.at(-1))[0], "done · 400 steps · dreambooth/zwx-dog.safetensors");
 });
