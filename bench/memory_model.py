@@ -42,7 +42,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from trainer.distributed import join  # noqa: E402
 from trainer.phases import Watcher  # noqa: E402
+from trainer.sharding import unit_sizes  # noqa: E402
 
 GIB = 2 ** 30
 # Categories of live storage, in table order. "weight casts": copies of the weights made by a dtype conversion
@@ -192,7 +194,26 @@ class StorageTracker(TorchDispatchMode):
                 self._ignored.add(storage._cdata)
                 weakref.finalize(storage, self._ignored.discard, storage._cdata).atexit = False
         del tensors
+        self._watch_storage_resizes()
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._storage_resize
+        return super().__exit__(*exc)
+
+    def _watch_storage_resizes(self) -> None:
+        """FSDP frees and refills a gathered block's memory with storage.resize_(), which is no op: seen here."""
+        self._storage_resize = resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def watched_resize(storage, nbytes):
+            out = resize(storage, nbytes)
+            entry = tracker._entries.get(storage._cdata)
+            if entry is not None and entry.nbytes != storage.nbytes():
+                tracker._resize(entry, storage.nbytes())
+            return out
+
+        torch.UntypedStorage.resize_ = watched_resize
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.shapes_only and _only_real_inputs(args, kwargs):
@@ -560,11 +581,15 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
 
     trained = [bundle.unet] + (list(trained_text_encoders(bundle)) if cfg.train_text_encoder else [])
     params = [p for m in trained for p in m.parameters()]
+    parallel = join().parallel  # under a launcher: this process's share of a data-parallel (or sharded) run
+    sizes = [unit_sizes(m) for m in trained]  # what sharding gathers at once (see sharded_peak)
+    units = {"largest": max(max(s[:-1], default=0) for s in sizes), "roots": sum(s[-1] for s in sizes),
+             "bytes_per_weight": params[0].element_size() if not cfg.bf16_weights else 2}
     tracker, found = StorageTracker(shapes_only=fake_mode is not None), {}
     meter = PhaseMeter(tracker)
 
-    def weights():
-        return [t for m in trained for t in (*m.parameters(), *m.buffers())]
+    def weights():  # (sharded: this process's pieces)
+        return [local_tensor(t) for m in trained for t in (*m.parameters(), *m.buffers())]
 
     def tag_grad(param):  # runs before fused_backward's own hook (registered earlier), while the grad exists
         tracker.retag([param.grad], "grads")
@@ -582,6 +607,7 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
 
     def before_optimizer_step(opt, args, kwargs) -> None:  # (a hook's return value would replace the arguments)
         records[-1].setdefault("peak_before_optimizer", tracker.peak)  # forward and backward (without fused_backward)
+        records[-1].setdefault("breakdown_before_optimizer", tracker.peak_breakdown())
         tracker.set_tag("optimizer temps")
 
     def after_optimizer_step(opt, args, kwargs) -> None:
@@ -606,12 +632,16 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
             tracker.retag(optimizer_state_tensors(found["optimizer"]()), "optimizer state")
             record.update(step=info.step, peak=tracker.peak, peak_at=tracker.peak_at,
                           peak_breakdown=tracker.peak_breakdown())
-            if info.step == steps and not whole_run:
+            if info.step == steps and not whole_run and not parallel:  # (the other processes would wait for it)
                 raise _StopAfterLastStep
 
     instance_images = images("i")
     class_images = None if whole_run else images("c")
-    handles = [p.register_post_accumulate_grad_hook(tag_grad) for p in params if p.requires_grad]
+    # (Sharded: FSDP replaces the parameters, so their hooks would not run, and holding them would keep the full
+    # weights alive beside the shards.)
+    handles = [] if parallel else [p.register_post_accumulate_grad_hook(tag_grad) for p in params if p.requires_grad]
+    trained_params = sum(p.numel() for p in params)
+    del params
     loop.make_optimizer = tracked_make_optimizer
     autocast = loop._autocast
     if autocast_cache:
@@ -639,11 +669,63 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
         loop.to_host, loop._save_output = to_host, save_output
         for handle in handles:
             handle.remove()
-    records = [record for record in records if "step" in record]
+    records = [record for record in records if "step" in record]  # (none but rank 0's: the others keep quiet)
     return {"config": config, "resolution": cfg.resolution, "cuda_like": cuda_like,
-            "autocast_cache": autocast_cache, "gpu_memory": gpu_memory, "trained_params": sum(p.numel() for p in params),
-            "steps": records, "peak": max(r["peak"] for r in records), "phases": meter.phases,
-            "left_on_device": left_on_device, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "autocast_cache": autocast_cache, "gpu_memory": gpu_memory, "trained_params": trained_params,
+            "steps": records, "peak": max((r["peak"] for r in records), default=0), "phases": meter.phases,
+            "left_on_device": left_on_device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "units": units, "processes": join().size}
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's piece in this process (a DTensor's local tensor); any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+# The categories sharding divides by the number of processes (trainer/sharding.py); the rest (activations, what
+# autograd saves, autocast's weight casts, cached latents) is each process's own, as in one process.
+SHARDED = ("weights", "grads", "optimizer state", "optimizer temps")
+
+
+def sharded_peak(result: dict, processes: int) -> int | None:
+    """Each process's peak when the measured step is sharded across `processes` (FSDP, trainer/sharding.py), from the
+    one-process measurement (None for a setting sharding refuses or changes: fused_backward).
+
+    Each step has two peaks. In the optimizer's step: the sharded categories divided by `processes`, the rest as it
+    was. In forward/backward: the same, plus every gradient's shard (FSDP's peak comes later in the backward pass
+    than one process's, as each block's gradient leaves it reduce-scattered: counting all of them is the upper
+    bound), plus what FSDP holds in full beyond a process's shards: each module's root unit (weights outside the
+    sharded blocks: embeddings, in/out convolutions), the block running and the next one fetched ahead, and the
+    running block's full gradients before they are reduce-scattered (all in the weights' dtype). At the end of the
+    backward pass: every gradient's shard, and the roots' weights and full gradients. An upper bound: sharded runs
+    measured on the CPU (the small models, N = 2 and 4, five settings) came 2.5-17% under it; tests/test_memory_model.py
+    holds two of them to it."""
+    if processes == 1:
+        return result["peak"]
+    if result["config"].get("fused_backward"):
+        return None
+    units = result["units"]
+    gathered = units["bytes_per_weight"] * (units["roots"] + 3 * units["largest"])
+    all_grads = units["bytes_per_weight"] * result["trained_params"]
+
+    def divided(peak: int, breakdown: dict) -> int:
+        sharded = sum(breakdown[c] for c in SHARDED)
+        return peak - sharded + sharded // processes
+
+    def backward(step: dict) -> int:
+        breakdown = step["breakdown_before_optimizer"]
+        later_grads = (all_grads - breakdown["grads"]) // processes
+        return divided(step["peak_before_optimizer"], breakdown) + later_grads + gathered
+
+    def end_of_backward(step: dict) -> int:  # every gradient's shard, the roots' weights and gradients in full
+        breakdown = step["peak_breakdown"]  # (at the optimizer's step: the activations are gone)
+        rest = step["peak"] - sum(breakdown[c] for c in SHARDED)
+        held = breakdown["weights"] + breakdown["optimizer state"] + all_grads
+        return rest + held // processes + 2 * units["bytes_per_weight"] * units["roots"]
+
+    return max(max(divided(s["peak"], s["peak_breakdown"]), backward(s), end_of_backward(s))
+               for s in result["steps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -718,6 +800,24 @@ def markdown(results: list[dict], unit: str = "GiB") -> str:
     return "\n".join(lines)
 
 
+def sharded_markdown(results: list[dict], processes: list[int], unit: str = "GiB") -> str:
+    """Each setting's per-GPU peak sharded across N processes (sharded_peak: projected from the one-process run, an
+    upper bound), with the reserved memory it implies."""
+    scale = {"GiB": GIB, "MiB": 2 ** 20}[unit]
+    header = ["setting", *(f"N={n}: peak / est. reserved {unit}" for n in processes)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(processes)]
+    for r in results:
+        if "error" in r:
+            continue
+        cells = [r["setting"]]
+        for n in processes:
+            peak = sharded_peak(r, n)
+            cells.append("— (fused_backward: off when sharded)" if peak is None
+                         else f"{peak / scale:.2f} / {estimated_reserved(peak) / scale:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def theory(results: list[dict], unit: str = "GiB") -> str:
     scale = {"GiB": GIB, "MiB": 2 ** 20}[unit]
     lines = []
@@ -757,6 +857,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory", type=float, metavar="GIB",
                         help="decide everything as on a GPU with bf16 and this much memory, e.g. 7.6 for an 8 GB card "
                              "(presets, precisions, the optimizer's kernels); default: as on this CPU")
+    parser.add_argument("--processes", type=int, nargs="+", metavar="N",
+                        help="also each GPU's peak with the run sharded across N processes (--shard: FSDP), "
+                             "projected from the one-process measurement (an upper bound), e.g. --processes 1 2 4")
     parser.add_argument("--out", action="append", default=[], help="write the table (.md) or all (.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     return parser.parse_args(argv)
@@ -768,7 +871,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     resolution = args.resolution or (64 if args.small else 1024 if args.family == "sdxl" else 512)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args, args.one, resolution)), flush=True)
+        result = run_one(args, args.one, resolution)
+        if join().main:  # (under a launcher: rank 0 speaks for its run)
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     flags = [flag for flag, on in (("--small", args.small), ("--cpu-defaults", args.cpu_defaults),
                                    ("--autocast-cache", args.autocast_cache), ("--whole-run", args.whole_run),
@@ -798,7 +903,9 @@ def main(argv=None) -> int:
              f"{f', decided as on a {args.gpu_memory} GiB GPU with bf16' if args.gpu_memory else ''} "
              f"(torch {torch.__version__}, CPU)\n\n"
              + markdown(results, unit) + "\n\n" + theory(results, unit) + "\n"
-             + (f"\nPhases of the whole run:\n\n{phase_markdown(results, unit)}\n" if args.whole_run else ""))
+             + (f"\nPhases of the whole run:\n\n{phase_markdown(results, unit)}\n" if args.whole_run else "")
+             + (f"\nEach GPU's training step sharded across N processes (projected, an upper bound):\n\n"
+                f"{sharded_markdown(results, args.processes, unit)}\n" if args.processes else ""))
     print(table)
     for path in map(Path, args.out):
         path.write_text(json.dumps(results, indent=1) if path.suffix == ".json" else table)

@@ -121,3 +121,21 @@ def test_the_levers_that_step_inside_backward_are_refused_with_several_processes
     assert refused.returncode != 0
     assert "fused_backward: steps the optimizer inside the backward pass" in refused.stdout + refused.stderr
     assert not (tmp_path / "fused.safetensors").exists()
+
+
+def test_class_images_are_drawn_once_by_the_processes_together_as_one_process_draws_them(base, tmp_path):
+    def train(processes: int, name: str) -> subprocess.CompletedProcess:
+        cmd = command(base, tmp_path / f"{name}.safetensors", processes, 3 - processes, "--max-train-steps", "1",
+                      "--prior-cache-dir", str(tmp_path / name), "--num-class-images", "5", "--prior-steps", "2")
+        at = cmd.index("--class-dir")
+        return run(cmd[:at] + cmd[at + 2:])  # no class images given: the cache is filled
+
+    together, alone = train(2, "two"), train(1, "one")
+    assert together.returncode == 0, together.stderr[-3000:]
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "Class images: 5 of 'a dog' (cached in " in together.stdout and "drawn by 2 processes)" in together.stdout
+    drawn = {name: sorted((tmp_path / name).rglob("*.png")) for name in ("two", "one")}
+    assert [p.name for p in drawn["two"]] == [f"{i:05d}.png" for i in range(5)]
+    assert [p.read_bytes() for p in drawn["two"]] == [p.read_bytes() for p in drawn["one"]]
+    manifest = json.loads(next((tmp_path / "two").rglob("manifest.json")).read_text())
+    assert manifest["count"] == 5 and not list((tmp_path / "two").rglob("*.tmp"))

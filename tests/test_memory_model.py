@@ -292,3 +292,32 @@ def test_shapes_only_counts_what_the_real_run_counts_in_sdxls_training_steps(set
         assert abs(ours["peak"] - theirs["peak"]) <= max(0.002 * theirs["peak"], 64 * 1024), (ours, theirs)
         for category in memory_model.CATEGORIES[:5]:
             assert ours["peak_breakdown"][category] == theirs["peak_breakdown"][category], category
+
+
+def measured(command: list[str]) -> dict:
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=memory_model.REPO_ROOT, timeout=600)
+    found = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and found, proc.stderr[-3000:]
+    return json.loads(found[0])
+
+
+@pytest.mark.slow  # about 40 s each on 2 cores
+@pytest.mark.parametrize("setting", ["fp32+te", "bf16+8bit+gc"])
+def test_the_sharded_projection_bounds_a_sharded_run_measured_in_two_processes(setting):
+    """sharded_peak (projected from one process) against the peak of rank 0 of a real two-process sharded run (FSDP on
+    gloo, the tracker watching FSDP's storage resizes): never under it, and near it."""
+    model = ["bench/memory_model.py", "--small", "--resolution", "32", "--steps", "2", "--threads", "1"]
+    one = measured([*model, "--one", setting])
+    two = measured(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *model,
+                    "--one", setting + "+shard"])
+    assert two["processes"] == 2
+    # the run was sharded: each process held about half of the optimizer's state (8-bit AdamW keeps 32-bit state for
+    # tensors under 4096 elements, and sharding makes more of them)
+    state = [max(step["peak_breakdown"]["optimizer state"] for step in run["steps"]) for run in (one, two)]
+    assert 0.45 * state[0] < state[1] < 0.65 * state[0]
+    projected = memory_model.sharded_peak(one, 2)
+    assert two["peak"] <= projected <= 1.25 * two["peak"], (two["peak"] / MIB, projected / MIB)

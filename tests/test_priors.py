@@ -77,6 +77,24 @@ def test_fewer_than_cached_returns_a_prefix_and_manifest_keeps_the_count(bundle,
     assert manifest["settings"]["sampler"] == "euler_a"
 
 
+def test_processes_sharing_the_cache_draw_each_missing_image_once_and_the_same_pixels(bundle, tmp_path, sampled):
+    priors_for(bundle, tmp_path, 1)  # image 0 cached already: process 0 draws images 2 and 4, process 1 1 and 3
+    leftover = next((tmp_path / key_for(bundle)).glob("*.png")).with_suffix(".tmp")
+    leftover.write_bytes(b"another process, mid-write")
+    progress = []
+    first = priors_for(bundle, tmp_path, 5, share=(0, 2), on_progress=lambda done, total: progress.append(done))
+    second = priors_for(bundle, tmp_path, 5, share=(1, 2))
+    assert sampled == [1, 2, 2]
+    assert progress == [1, 3, 5]  # this process's images, counted as if the other kept pace
+    assert leftover.exists()  # a temp file may be another process's, being written: left alone
+    manifest = tmp_path / key_for(bundle) / "manifest.json"
+    assert json.loads(manifest.read_text())["count"] == 1  # process 0 saw image 1 missing (the other's)...
+    after = priors_for(bundle, tmp_path, 5)  # ...and records all once all are done (what train() does)
+    assert sampled == [1, 2, 2] and json.loads(manifest.read_text())["count"] == 5 and not leftover.exists()
+    assert first == second == after
+    assert file_bytes(after) == file_bytes(priors_for(bundle, tmp_path / "one process", 5))
+
+
 def test_progress_counts_cached_then_new_images(bundle, tmp_path):
     progress = []
     priors_for(bundle, tmp_path, 2, on_progress=lambda done, total: progress.append((done, total)))

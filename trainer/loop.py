@@ -36,7 +36,7 @@ from .models import load_model
 from .optim import make_lr_scheduler, make_optimizer
 from .output import check_output, check_writable, save_dtype
 from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
-from .priors import default_cache_root, load_prior_images, make_class_priors
+from .priors import default_cache_root, ensure_class_priors, load_prior_images, make_class_priors
 from .provenance import Provenance
 from .randomness import StepRandomness
 from .sharding import Shards, check_state_folder, optimizer_file
@@ -130,11 +130,7 @@ def _train(cfg, bundle, callbacks, randomness, device, precision, instance_image
     if not cfg.with_prior_preservation:
         class_images = []
     elif class_images is None:
-        if not processes.main:
-            processes.barrier()  # rank 0 generates the missing ones into the cache; the others then read it
-        class_images = _class_images(cfg, bundle, callbacks, device)
-        if processes.main:
-            processes.barrier()
+        class_images = _class_images(cfg, bundle, callbacks, device, processes)
     # The frozen VAE and text encoders encode in the training step's precision, as the reference script does; SDXL's
     # VAE in fp32, as it overflows in fp16 (its config's force_upcast).
     with Phase(ENCODING, device, log=callbacks.log, advice="Lower the resolution.") as phase:
@@ -423,15 +419,23 @@ class TextConditioning:
         return self.cached.rows(rows)
 
 
-def _class_images(cfg, bundle, callbacks, device):
+def _class_images(cfg, bundle, callbacks, device, processes=distributed.SINGLE):
     if cfg.class_dir:
         return load_image_folder(cfg.class_dir, max_images=100_000)[:cfg.num_class_images]
     cache_root = cfg.prior_cache_dir or str(default_cache_root())
-    callbacks.log(f"Class images: {cfg.num_class_images} of {cfg.class_prompt!r} (cached in {cache_root})")
-    paths = make_class_priors(
-        bundle, cfg.class_prompt, count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution,
-        height=cfg.resolution, steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed, device=device,
-        log=callbacks.log, on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root))
+    drawn_by = f", drawn by {processes.size} processes" if processes.parallel else ""
+    callbacks.log(f"Class images: {cfg.num_class_images} of {cfg.class_prompt!r} (cached in {cache_root}{drawn_by})")
+
+    settings = dict(count=cfg.num_class_images, cache_root=cache_root, width=cfg.resolution, height=cfg.resolution,
+                    steps=cfg.prior_steps, guidance=cfg.prior_guidance, seed=cfg.seed)
+    paths = make_class_priors(  # data parallel: each process draws its share of the missing ones
+        bundle, cfg.class_prompt, device=device, log=callbacks.log, share=(processes.rank, processes.size),
+        on_progress=lambda done, total: _prior_progress(callbacks, done, total, cache_root), **settings)
+    if processes.parallel:
+        processes.barrier()
+        if processes.main:  # all there now: this draws nothing, it records them in the cache's manifest
+            ensure_class_priors(bundle, cfg.class_prompt, **settings)
+        processes.barrier()
     # Our own images, already at the training size: no photo checks (they refuse sizes below 64 px).
     return [SubjectImage(path.name, image) for path, image in zip(paths, load_prior_images(paths))]
 

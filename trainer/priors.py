@@ -133,11 +133,16 @@ def ensure_class_priors(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> list[Path]:
     """Paths of `count` cached prior images for class_prompt, generating only those not on disk yet.
 
     on_progress(done, count) is called once with what the cache already held, then after each new image.
     batch_size and device only change speed, so they are not part of the cache key.
+    share=(k, n): one of n processes filling the cache together (data parallel), which draws the missing ones of
+    images k, k + n, ... (each image's seed is its own, so who draws it changes nothing). Only process 0 writes the cache's
+    manifest, none removes leftover temp files (another may be writing them): call again with the default share
+    once all are done. Progress then counts this process's images as if the others kept pace.
     """
     if not class_prompt.strip():
         raise ValueError('The class prompt is empty; give the class noun the priors show, e.g. "a dog".')
@@ -150,23 +155,31 @@ def ensure_class_priors(
     key = cache_key(settings)
     folder = Path(cache_root) / key
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(f"*{TEMP_SUFFIX}"):  # from a run that crashed mid-write
-        leftover.unlink(missing_ok=True)
+    rank, processes = share
+    if processes == 1:
+        for leftover in folder.glob(f"*{TEMP_SUFFIX}"):  # from a run that crashed mid-write
+            leftover.unlink(missing_ok=True)
 
     paths = [_image_path(folder, i) for i in range(count)]
     valid = [_is_valid_image(path, (width, height)) for path in paths]
-    missing = [i for i, ok in enumerate(valid) if not ok]
+    missing_here = [i for i, ok in enumerate(valid) if not ok]
+    missing = [i for i in missing_here if i % processes == rank]  # by index: the same split whenever each looks
     known = _manifest_count(folder)  # earlier, larger runs may hold more than `count`
-    _write_manifest(folder, key, settings, _count_on_disk(valid, known))
+
+    def note_count() -> None:
+        if rank == 0:
+            _write_manifest(folder, key, settings, _count_on_disk(valid, known))
+
+    note_count()
     if on_progress is not None:
-        on_progress(count - len(missing), count)
+        on_progress(count - len(missing_here), count)
     if not missing:
         return paths
 
     def write(i: int, image: Image.Image) -> None:
         _write_atomic(paths[i], lambda f: image.save(f, format="PNG"))
         valid[i] = True
-        _write_manifest(folder, key, settings, _count_on_disk(valid, known))
+        note_count()
 
     # PNGs are compressed and written by a thread of their own (one, so files and manifest go in order) while the GPU
     # draws the next batch. Progress counts the images drawn; a failed write (full disk) stops generation at the
@@ -179,7 +192,7 @@ def ensure_class_priors(
             for done in [future for future in writes if future.done()]:
                 done.result()
             if on_progress is not None:
-                on_progress(count - len(missing) + index + 1, count)
+                on_progress(count - len(missing_here) + min((index + 1) * processes, len(missing_here)), count)
 
         sample_images(bundle, [settings["prompt"]] * len(missing), seeds=[seed + i for i in missing],
                       negative_prompt=settings["negative_prompt"], steps=steps, guidance=guidance, width=width,
