@@ -40,7 +40,7 @@ _BF16_HIGH_BITS = -(1 << 16)  # 0xFFFF0000 as int32: the bits an fp32 shares wit
 
 
 def stochastic_round_to_bf16_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None, *,
-                              noise: torch.Tensor | None = None) -> torch.Tensor:
+                              noise: torch.Tensor | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
     """dst (bf16) <- src (fp32) rounded stochastically, in place; returns dst.
 
     src is rounded up (away from zero) to the next bf16 value with probability equal to the fraction of the gap it
@@ -55,13 +55,22 @@ def stochastic_round_to_bf16_(dst: torch.Tensor, src: torch.Tensor, generator: t
 
     noise: a buffer (int32 or fp32, src's shape) to draw the random bits into instead of allocating one; the
     optimizer passes its gradient scratch. src is left as it is.
+    window=(total, start): src is elements start... of a tensor of `total` elements (a shard of it): the bits are
+    drawn for the whole tensor (into `noise`, of at least `total` elements) and src takes its own, so that it is
+    rounded exactly as it would be within the whole tensor.
     """
     if src.dtype != torch.float32 or dst.dtype != torch.bfloat16 or src.shape != dst.shape:
         raise ValueError(f"stochastic rounding: needs an fp32 source and a bf16 destination of one shape, got "
                          f"{src.dtype} {tuple(src.shape)} -> {dst.dtype} {tuple(dst.shape)}")
-    bits = (torch.empty(src.shape, dtype=torch.int32, device=src.device) if noise is None
-            else noise.view(torch.int32))
-    bits.random_(0, 1 << 16, generator=generator)
+    if window is None:
+        bits = (torch.empty(src.shape, dtype=torch.int32, device=src.device) if noise is None
+                else noise.view(torch.int32))
+        bits.random_(0, 1 << 16, generator=generator)
+    else:
+        total, start = window
+        drawn = noise.view(torch.int32).reshape(-1)[:total]
+        drawn.random_(0, 1 << 16, generator=generator)
+        bits = drawn[start:start + src.numel()].view(src.shape)
     bits.add_(src.view(torch.int32))
     bits.bitwise_and_(_BF16_HIGH_BITS)
     dst.copy_(bits.view(torch.float32))  # exact: the value is a bf16 value
@@ -91,11 +100,15 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     # Optimizer.__init__ is not called: this object owns no groups or state, only the per-tensor optimizers.
     # (It subclasses Optimizer because torch's LR schedulers accept nothing else.)
     def __init__(self, params, make_one: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-                 max_grad_norm: float = 0.0, *, rounding_seed: int | None = None):
+                 max_grad_norm: float = 0.0, *, rounding_seed: int | None = None,
+                 windows: list[tuple[int, int]] | None = None):
+        """windows: for tensors that are shards (trainer/sharding.py), each one's (whole tensor's size, its start in
+        it), so that the rounding draws what it would for the whole tensor (stochastic_round_to_bf16_)."""
         self.params = list(params)
         self.max_grad_norm = max_grad_norm
         self.shadows: list[torch.nn.Parameter] | None = None
         self.generator: torch.Generator | None = None
+        self.windows = windows
         if rounding_seed is not None:
             self._make_shadows(rounding_seed)
         self.optimizers = [make_one([p]) for p in (self.shadows if self.shadows is not None else self.params)]
@@ -114,6 +127,9 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         self._grad_scratch = torch.empty(largest, dtype=torch.float32, device=device)
         self.shadows = [torch.nn.Parameter(self._scratch(self._weight_scratch, p)) for p in self.params]
         self.generator = torch.Generator(device).manual_seed(seed)
+        if self.windows is not None:  # the random bits of the largest whole tensor
+            self._draw_scratch = torch.empty(max((total for total, _ in self.windows), default=0), dtype=torch.int32,
+                                             device=device)
 
     @staticmethod
     def _scratch(buffer: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -144,8 +160,12 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         if self.shadows is not None:
             stepped.grad = None
             with torch.no_grad():  # the gradient scratch is free again: it takes the random bits
-                stochastic_round_to_bf16_(param, stepped, self.generator,
-                                          noise=self._scratch(self._grad_scratch, param))
+                if self.windows is None:
+                    stochastic_round_to_bf16_(param, stepped, self.generator,
+                                              noise=self._scratch(self._grad_scratch, param))
+                else:
+                    stochastic_round_to_bf16_(param, stepped, self.generator, noise=self._draw_scratch,
+                                              window=self.windows[i])
 
     def _clip_coef(self) -> torch.Tensor | None:
         """max_grad_norm over the norm of all gradients (taken in fp32), at most 1, as clip_grad_norm_ scales."""

@@ -197,7 +197,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     # Sharded: the optimizer steps this process's shards, and clipping (over all shards) is done before it.
     params = shards.local if shards else [p for m in modules.values() for p in m.parameters()]
     max_grad_norm = 0.0 if shards else cfg.max_grad_norm
-    optimizer = make_optimizer(dataclasses.replace(cfg, max_grad_norm=max_grad_norm), params, device)
+    optimizer = make_optimizer(dataclasses.replace(cfg, max_grad_norm=max_grad_norm), params, device,
+                               shards.windows if shards else None)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
 

@@ -18,9 +18,11 @@ def resolve_optimizer(name: str, device: torch.device) -> str:
     return "adamw8bit" if device.type == "cuda" and _bitsandbytes() is not None else "adamw"
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device,
+                   windows: list[tuple[int, int]] | None = None) -> torch.optim.Optimizer:
     """cfg.optimizer's optimizer; with cfg.fused_backward, one per tensor, stepped in backward; with
-    cfg.bf16_weights, one per tensor through fp32 shadows, rounded back stochastically (trainer/fused.py)."""
+    cfg.bf16_weights, one per tensor through fp32 shadows, rounded back stochastically (trainer/fused.py; `windows`:
+    where each of `params` lies in its whole tensor when they are shards)."""
     name = resolve_optimizer(cfg.optimizer, device)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -39,7 +41,7 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
     if per_tensor:
         kind = FusedBackward if cfg.fused_backward else PerTensorOptimizer
         return kind(params, lambda tensors: make(tensors, **kwargs), cfg.max_grad_norm,
-                    rounding_seed=rounding_seed(cfg.seed) if cfg.bf16_weights else None)
+                    rounding_seed=rounding_seed(cfg.seed) if cfg.bf16_weights else None, windows=windows)
     return make(params, **kwargs)
 
 

@@ -13,6 +13,7 @@ gathered into plain modules on rank 0, which draws the previews and writes the o
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -85,6 +86,7 @@ class Shards:
         self.params = [p for m in modules.values() for p in m.parameters()]
         with torch.no_grad():  # the local pieces of the sharded weights: the same memory, stepped in place
             self.local = [torch.nn.Parameter(p.to_local(), requires_grad=p.requires_grad) for p in self.params]
+        self.windows = [_window(p) for p in self.params]
 
     def loss_weight(self, local_n: int, global_n: int) -> float:
         """FSDP averages the processes' gradients; this weight makes the average the global batch's gradient when
@@ -138,6 +140,14 @@ class Shards:
             setattr(bundle, name, module.train())
             plain[name] = module
         return plain
+
+
+def _window(param) -> tuple[int, int]:
+    """(the whole tensor's size, where this process's shard starts in it, flattened): FSDP shards rows, so a shard
+    is a run of consecutive elements."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.numel(), offset[0] * math.prod(param.shape[1:]) if param.dim() else 0
 
 
 def _recordable_outputs(module: torch.nn.Module):
