@@ -584,7 +584,8 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
     parallel = join().parallel  # under a launcher: this process's share of a data-parallel (or sharded) run
     sizes = [unit_sizes(m) for m in trained]  # what sharding gathers at once (see sharded_peak)
     units = {"largest": max(max(s[:-1], default=0) for s in sizes), "roots": sum(s[-1] for s in sizes),
-             "bytes_per_weight": params[0].element_size() if not cfg.bf16_weights else 2}
+             "bytes_per_weight": params[0].element_size() if not cfg.bf16_weights else 2,
+             "largest_tensor": max(p.numel() for p in params)}
     tracker, found = StorageTracker(shapes_only=fake_mode is not None), {}
     meter = PhaseMeter(tracker)
 
@@ -708,10 +709,13 @@ def sharded_peak(result: dict, processes: int) -> int | None:
     units = result["units"]
     gathered = units["bytes_per_weight"] * (units["roots"] + 3 * units["largest"])
     all_grads = units["bytes_per_weight"] * result["trained_params"]
+    # bf16 weights: the random bits of the largest whole tensor (trainer/fused.py's window), all along; one process
+    # draws them into its gradient scratch, which is counted, and divided, with the optimizer's state.
+    draws = 4 * units["largest_tensor"] if result["config"].get("bf16_weights") else 0
 
     def divided(peak: int, breakdown: dict) -> int:
         sharded = sum(breakdown[c] for c in SHARDED)
-        return peak - sharded + sharded // processes
+        return peak - sharded + sharded // processes + draws
 
     def backward(step: dict) -> int:
         breakdown = step["breakdown_before_optimizer"]
@@ -722,7 +726,7 @@ def sharded_peak(result: dict, processes: int) -> int | None:
         breakdown = step["peak_breakdown"]  # (at the optimizer's step: the activations are gone)
         rest = step["peak"] - sum(breakdown[c] for c in SHARDED)
         held = breakdown["weights"] + breakdown["optimizer state"] + all_grads
-        return rest + held // processes + 2 * units["bytes_per_weight"] * units["roots"]
+        return rest + held // processes + 2 * units["bytes_per_weight"] * units["roots"] + draws
 
     return max(max(divided(s["peak"], s["peak_breakdown"]), backward(s), end_of_backward(s))
                for s in result["steps"])

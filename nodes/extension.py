@@ -11,14 +11,12 @@ from .train import DreamBoothTrain
 
 
 class DreamBoothExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        from ..trainer import quiet
-
-        quiet.install()  # three library notices nobody using the pack can act on; nothing else is filtered
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from ..trainer import quiet
         from .comfy_hooks import add_routes
 
-        add_routes()  # here, called once at load: ComfyUI 0.3.64 never calls on_load
+        # Here, called once at load: ComfyUI 0.3.64 never calls on_load.
+        quiet.install()  # three library notices nobody using the pack can act on; nothing else is filtered
+        add_routes()
         return [PickRareToken, GenerateClassPriors, DreamBoothTrain, LoadSubjectModel, EmptyLatentForVAE,
                 ToySubjectPhotos, MeasureSubjectFidelity]
