@@ -7,12 +7,14 @@ step and the trained weights must equal the reference's bit for bit (see the not
 
 The reference script is not part of this repository and imports torchvision and accelerate, so these tests skip unless
 DREAMBOOTH_REFERENCE_SCRIPT points at a copy of it and both import (tests/conftest.py; REQUIRE_REFERENCE=1 makes that a
-failure). An SDXL case against diffusers' train_text_to_image_sdxl.py also needs DREAMBOOTH_SDXL_REFERENCE_SCRIPT (see
-the note above test_sdxl_weights_match_the_reference_script). CI's reference step (.ci/run) builds such a Python and runs them; by hand, from the repository root:
+failure). CI's reference step (.ci/run) builds such a Python and runs them; by hand, from the repository root:
 
     python3 -m venv .venv-reference && .venv-reference/bin/pip install -r tests/requirements-reference.txt
     DREAMBOOTH_REFERENCE_SCRIPT=../shared/reference/train_dreambooth.py \
         .venv-reference/bin/python -m pytest tests/test_reference_equivalence.py -q -s
+
+An SDXL case against diffusers' train_text_to_image_sdxl.py also needs DREAMBOOTH_SDXL_REFERENCE_SCRIPT (see the note
+above test_sdxl_weights_match_the_reference_script).
 """
 from __future__ import annotations
 
