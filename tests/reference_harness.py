@@ -30,6 +30,12 @@ Two things are changed in the reference, neither of them its method:
   a batch goes through the encoder one image at a time, the results concatenated), so both sides sample from the
   same posteriors bit for bit.
 
+The same harness runs diffusers' examples/text_to_image/train_text_to_image_sdxl.py (it has no DreamBoothDataset to
+hook; where Hugging Face `datasets` does not import, the child puts bench/stand_ins' stand-in on sys.path). That script
+samples each image's latents once, before training: those draws are recorded as `precomputed_latent_noise`, with the
+posterior mean and std they were sampled from (`precomputed_posterior_mean`, `precomputed_posterior_std`), and its
+`train_loss` logs are the losses.
+
 The child also runs with the caller's torch thread count (OMP_NUM_THREADS): a CPU kernel may split its sums by thread,
 so both sides must use the same number to round the same way.
 """
@@ -70,13 +76,13 @@ class ReferenceRun:
 
     def step_items(self, batch_size: int = 1) -> list[list[int]]:
         """The dataset indices each step trained on: consecutive batches of each epoch's order."""
-        steps, orders = len(self.of_kind("latent_noise")), [e["order"] for e in self.of_kind("epoch_order")]
+        steps, orders = len(self.losses), [e["order"] for e in self.of_kind("epoch_order")]
         batches = [order[i:i + batch_size] for order in orders for i in range(0, len(order), batch_size)]
         return batches[:steps]
 
     @property
     def losses(self) -> list[float]:
-        return [event["loss"] for event in self.of_kind("log")]
+        return [event["loss"] if "loss" in event else event["train_loss"] for event in self.of_kind("log")]
 
     @property
     def prompt_ids(self) -> dict[str, list[int]]:
@@ -241,8 +247,10 @@ def _install_hooks(recorder: _Recorder) -> None:
             recorder.draw("latent_noise", eps)
             recorder.tensor("posterior_mean", self.mean)  # for checking our cached posteriors
             recorder.tensor("posterior_std", self.std)
-        else:
-            recorder.other("latent_noise_outside_loop", shape=list(eps.shape))
+        else:  # train_text_to_image_sdxl.py samples each image's latents once, before training
+            recorder.tensor("precomputed_latent_noise", eps)
+            recorder.tensor("precomputed_posterior_mean", self.mean)
+            recorder.tensor("precomputed_posterior_std", self.std)
         return self.mean + self.std * eps
 
     vae_module.DiagonalGaussianDistribution.sample = sample
@@ -331,8 +339,15 @@ def _child_main(argv: list[str]) -> None:
     script_args = argv[3:]
     recorder = _Recorder()
     _install_hooks(recorder)
+    try:
+        import datasets  # train_text_to_image_sdxl.py's
+    except ImportError:  # bench/stand_ins' stand-in for what that script uses of it
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "stand_ins"))
+        import datasets
+    recorder.other("datasets", version=datasets.__version__)
     namespace = runpy.run_path(script, run_name="reference_train_dreambooth")  # defines, does not train
-    _hook_dataset(recorder, namespace["DreamBoothDataset"])
+    if "DreamBoothDataset" in namespace:
+        _hook_dataset(recorder, namespace["DreamBoothDataset"])
     sys.argv = [script, *script_args]
     namespace["main"](namespace["parse_args"](script_args))
     recorder.save(record_dir)

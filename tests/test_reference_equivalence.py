@@ -12,6 +12,9 @@ failure). CI's reference step (.ci/run) builds such a Python and runs them; by h
     python3 -m venv .venv-reference && .venv-reference/bin/pip install -r tests/requirements-reference.txt
     DREAMBOOTH_REFERENCE_SCRIPT=../shared/reference/train_dreambooth.py \
         .venv-reference/bin/python -m pytest tests/test_reference_equivalence.py -q -s
+
+An SDXL case against diffusers' train_text_to_image_sdxl.py also needs DREAMBOOTH_SDXL_REFERENCE_SCRIPT (see the note
+above test_sdxl_weights_match_the_reference_script).
 """
 from __future__ import annotations
 
@@ -187,6 +190,91 @@ def test_weights_match_the_reference_script(images, family, prediction_type, tra
         assert c["moved"] >= MIN_MOVEMENT, f"the reference barely moved ({c['moved']:.2e}): the check is toothless"
     if not train_text_encoder:
         assert text["moved"] == 0.0, "the frozen text encoder changed"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SDXL: diffusers has no full DreamBooth fine-tune for SDXL (its DreamBooth SDXL script trains LoRA). Its full
+# fine-tune, examples/text_to_image/train_text_to_image_sdxl.py, trains the UNet alone, without prior preservation, and
+# samples each image's latents once, before training; we sample them each step, so the replay hands train() that one
+# draw of the image at every step. The script resizes with Lanczos by default; our method is train_dreambooth.py's
+# bilinear resize, which the script offers as --image_interpolation_mode bilinear. CI has no copy of it, so this test
+# runs only where DREAMBOOTH_SDXL_REFERENCE_SCRIPT points at one (with DREAMBOOTH_REFERENCE_SCRIPT set, as for the
+# tests above); from the repository root:
+#
+#     DREAMBOOTH_SDXL_REFERENCE_SCRIPT=/path/to/train_text_to_image_sdxl.py \
+#     DREAMBOOTH_REFERENCE_SCRIPT=../shared/reference/train_dreambooth.py \
+#         .venv-reference/bin/python -m pytest tests/test_reference_equivalence.py -q -s -m reference -k sdxl
+#
+# The script imports Hugging Face `datasets`; where it does not import, the harness gives it bench/stand_ins' stand-in.
+# --------------------------------------------------------------------------------------------------------------------
+SDXL_SCRIPT = os.environ.get("DREAMBOOTH_SDXL_REFERENCE_SCRIPT", "")
+
+
+@needs_reference
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(SDXL_SCRIPT).is_file(), reason="DREAMBOOTH_SDXL_REFERENCE_SCRIPT is not a copy of "
+                    "diffusers' examples/text_to_image/train_text_to_image_sdxl.py")
+def test_sdxl_weights_match_the_reference_script(images, tmp_path):
+    from bench.reference_script import save_sdxl_pipeline_folder, sdxl_reference_args, write_caption_folder
+    from trainer.config import TrainConfig
+    from trainer.dataset import load_image_folder, to_training_tensor
+    from trainer.loop import train
+
+    instance, _ = images
+    photos = sorted(instance.iterdir())
+    model = save_sdxl_pipeline_folder(tiny_bundle("sdxl"), tmp_path / "model")
+    data = write_caption_folder(tmp_path / "data", {"a zwx dog": photos})
+    args = [*sdxl_reference_args(model, data, tmp_path / "output", steps=STEPS, learning_rate=LEARNING_RATE,
+                                 resolution=RESOLUTION, batch_size=1),
+            "--image_interpolation_mode", "bilinear"]
+    run = run_reference(Path(SDXL_SCRIPT).resolve(), args, tmp_path / "records")
+    assert len(run.losses) == STEPS
+
+    bundle = tiny_bundle("sdxl")
+    for name, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model"), ("text_encoder_2", "model")):
+        getattr(bundle, name).load_state_dict(load_file(str(model / name / f"{file}.safetensors")))
+    initial_unet = state(bundle.unet)
+
+    # The latents the script sampled before training, one per photo in the order of their names: ours are sampled
+    # from the same posteriors, which our cache computes one image at a time as the script's batches of one do.
+    eps = run.tensors_of_kind("precomputed_latent_noise")
+    means, stds = run.tensors_of_kind("precomputed_posterior_mean"), run.tensors_of_kind("precomputed_posterior_std")
+    assert len(eps) == len(means) == len(stds) == len(photos)
+    with torch.no_grad():
+        ours = [bundle.vae.encode(to_training_tensor(item.image, RESOLUTION)[None]).latent_dist
+                for item in load_image_folder(instance)]
+    latent_diff = max((a.mean - m).abs().max().item() for a, m in zip(ours, means))
+    latent_diff = max([latent_diff] + [(a.std - s).abs().max().item() for a, s in zip(ours, stds)])
+
+    replay = ReplayRandomness(run)
+    replay.queues["latent_noise"] = [torch.cat([eps[i] for i in items]) for items in run.step_items()]
+    cfg = TrainConfig(base_model="tiny-sdxl (reference equivalence)", instance_dir=str(instance), identifier="zwx",
+                      class_noun="dog", output=str(tmp_path / "zwx-dog.safetensors"), resolution=RESOLUTION,
+                      batch_size=1, max_train_steps=STEPS, learning_rate=LEARNING_RATE, lr_scheduler="constant",
+                      lr_warmup_steps=0, with_prior_preservation=False, train_text_encoder=False, optimizer="adamw",
+                      mixed_precision="no", attention="sdpa", adam_weight_decay=1e-2, max_grad_norm=1.0, seed=0,
+                      device="cpu", resume=False)
+    result = train(cfg, bundle=bundle, randomness=replay)
+    unet = compare(state(bundle.unet), run.unet_state(), initial_unet)
+
+    print(f"\n[sdxl epsilon, UNet only, no prior, {torch.get_num_threads()} threads, datasets "
+          f"{run.of_kind('datasets')[0]['version']}] {STEPS} steps, lr {LEARNING_RATE}, posteriors max |ours - ref| "
+          f"{latent_diff:.2e}")
+    for step, (a, b) in enumerate(zip(result.losses, run.losses), 1):
+        print(f"  step {step}: loss ours {a:.9f} reference {b:.9f} diff {abs(a - b):.2e}")
+    print(f"  unet: max |ours - ref| {unet['max_diff']:.2e} ({unet['worst'] or '-'}), {unet['unequal']} elements "
+          f"unequal; max movement from init {unet['moved']:.2e}")
+
+    # The script drew its epoch orders, noise and timesteps in the loop (its latents before it); train() asked for the
+    # same, in the same order, plus the latent draw of each step, and used all of them.
+    assert [c for c in replay.calls if c != "latent_noise"] == run.draw_sequence()
+    assert replay.unused() == {}, f"reference draws train() never used: {replay.unused()}"
+    assert latent_diff == 0.0, f"our cached posteriors differ from the reference's by {latent_diff:.2e}"
+    assert result.losses == run.losses, "the losses differ from the reference's (printed above with -s)"
+    assert unet["max_diff"] == 0.0, (f"{unet['unequal']} UNet weights differ from the reference's, at most by "
+                                     f"{unet['max_diff']:.2e} ({unet['worst']})")
+    assert unet["moved"] >= MIN_MOVEMENT, f"the reference barely moved ({unet['moved']:.2e}): the check is toothless"
 
 
 # --------------------------------------------------------------------------------------------------------------------
