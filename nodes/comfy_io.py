@@ -94,6 +94,8 @@ class RunLog:
         self.max_steps = max_steps
         self.events: list[dict] = []
         self._total = None
+        self._last_step: dict | None = None  # the one step message kept whole
+        self._steps = 0
 
     def add(self, kind: str, data: dict) -> None:
         event = {"type": kind, **data}
@@ -101,11 +103,16 @@ class RunLog:
             # NaN is not JSON for the page; its chart reads null as a skipped loss
             event = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in event.items()}
             if event["step"] <= 1 or event["total"] != self._total:
-                self.events = []
+                self.events, self._last_step, self._steps = [], None, 0
             self._total = event["total"]
-            self.events = [{k: e[k] for k in self.SLIM} if e["type"] == "progress" else e for e in self.events]
-            steps = [i for i, e in enumerate(self.events) if e["type"] == "progress"]
-            if len(steps) >= self.max_steps:
+            if self._last_step is not None:  # slimmed in place: the chart's point is all the page needs of it
+                for key in set(self._last_step) - set(self.SLIM):
+                    del self._last_step[key]
+            if self._steps >= self.max_steps:
+                steps = [i for i, e in enumerate(self.events) if e["type"] == "progress"]
                 dropped = set(steps[1:-1:2])
                 self.events = [e for i, e in enumerate(self.events) if i not in dropped]
+                self._steps -= len(dropped)
+            self._last_step = event
+            self._steps += 1
         self.events.append(event)

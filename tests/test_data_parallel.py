@@ -48,6 +48,19 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def kill_at(cmd: list[str], line_start: str, output: Path) -> None:
+    """Start a run and SIGKILL all its processes when it prints a line starting with `line_start`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith(line_start):
+            # the launcher and each worker (torchrun starts them in sessions of their own): all name the output
+            subprocess.run(["pkill", "-KILL", "-f", str(output)], check=True)
+            break
+    process.wait(60)
+    assert not output.exists()
+
+
 def max_difference(a: Path, b: Path) -> float:
     x, y = load_file(a), load_file(b)
     assert x.keys() == y.keys()
@@ -73,21 +86,12 @@ def test_two_processes_with_batch_1_learn_what_one_process_with_batch_2_does(bas
 
 
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_runs_weights(base, tmp_path):
-    steps = ["--max-train-steps", "8", "--checkpoint-every", "2"]
+    steps = ["--max-train-steps", "8", "--checkpoint-every", "2"]  # killed past the state of step 2
     straight = run(command(base, tmp_path / "straight.safetensors", 2, 1, *steps))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     output = tmp_path / "killed.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command(base, output, 2, 1, *steps), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # kill every process of the run once it is past the state of step 2
-        if line.startswith("Training 3/8"):
-            # the launcher and each worker (torchrun starts them in sessions of their own): all name the output
-            subprocess.run(["pkill", "-KILL", "-f", str(output)], check=True)
-            break
-    process.wait(60)
-    assert not output.exists()
+    kill_at(command(base, output, 2, 1, *steps), "Training 3/8", output)
 
     other_count = run(command(base, output, 1, 2, *steps))  # its global batch is 2 too, but another stream split
     assert other_count.returncode != 0 and "saved by a run on 2 process(es); this one has 1" in other_count.stderr

@@ -77,6 +77,16 @@ def images(tmp_path_factory):
     return instance, classes
 
 
+def reference_config(tmp_path: Path, **case):
+    """Our TrainConfig for the reference scripts' settings (bench/reference_script.py's arguments), plus `case`."""
+    from trainer.config import TrainConfig
+    return TrainConfig(identifier="zwx", class_noun="dog", output=str(tmp_path / "zwx-dog.safetensors"),
+                       resolution=RESOLUTION, batch_size=1, max_train_steps=STEPS, learning_rate=LEARNING_RATE,
+                       lr_scheduler="constant", lr_warmup_steps=0, optimizer="adamw", mixed_precision="no",
+                       attention="sdpa", adam_weight_decay=1e-2, max_grad_norm=1.0, seed=0, device="cpu",
+                       resume=False, **case)
+
+
 def initial_bundle(model_dir: Path, family: str, prediction_type: str):
     """The tiny bundle with exactly the weights the reference started from."""
     bundle = tiny_bundle(family, prediction_type)
@@ -130,7 +140,6 @@ def posterior_difference(bundle, run, instance: Path, classes: Path) -> float:
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["te_frozen", "te_trained"])
 @pytest.mark.parametrize("family,prediction_type", MODELS, ids=[f"{f}-{p}" for f, p in MODELS])
 def test_weights_match_the_reference_script(images, family, prediction_type, train_text_encoder, tmp_path):
-    from trainer.config import TrainConfig
     from trainer.loop import train
 
     instance, classes = images
@@ -156,14 +165,9 @@ def test_weights_match_the_reference_script(images, family, prediction_type, tra
     latent_diff = posterior_difference(bundle, run, instance, classes)
 
     replay = ReplayRandomness(run)
-    cfg = TrainConfig(base_model=f"tiny-{family} (reference equivalence)", instance_dir=str(instance),
-                      class_dir=str(classes), identifier="zwx", class_noun="dog",
-                      output=str(tmp_path / "zwx-dog.safetensors"), resolution=RESOLUTION, batch_size=1,
-                      max_train_steps=STEPS, learning_rate=LEARNING_RATE, lr_scheduler="constant", lr_warmup_steps=0,
-                      with_prior_preservation=True, prior_loss_weight=1.0, num_class_images=len(CLASS_SIZES),
-                      train_text_encoder=train_text_encoder, optimizer="adamw", mixed_precision="no",
-                      attention="sdpa", adam_weight_decay=1e-2, max_grad_norm=1.0, seed=0, device="cpu",
-                      resume=False)
+    cfg = reference_config(tmp_path, base_model=f"tiny-{family} (reference equivalence)", instance_dir=str(instance),
+                           class_dir=str(classes), with_prior_preservation=True, prior_loss_weight=1.0,
+                           num_class_images=len(CLASS_SIZES), train_text_encoder=train_text_encoder)
     result = train(cfg, bundle=bundle, randomness=replay)
 
     unet = compare(state(bundle.unet), run.unet_state(), initial_unet)
@@ -216,7 +220,6 @@ SDXL_SCRIPT = os.environ.get("DREAMBOOTH_SDXL_REFERENCE_SCRIPT", "")
                     "diffusers' examples/text_to_image/train_text_to_image_sdxl.py")
 def test_sdxl_weights_match_the_reference_script(images, tmp_path):
     from bench.reference_script import save_sdxl_pipeline_folder, sdxl_reference_args, write_caption_folder
-    from trainer.config import TrainConfig
     from trainer.dataset import load_image_folder, to_training_tensor
     from trainer.loop import train
 
@@ -249,12 +252,8 @@ def test_sdxl_weights_match_the_reference_script(images, tmp_path):
 
     replay = ReplayRandomness(run)
     replay.queues["latent_noise"] = [torch.cat([eps[i] for i in items]) for items in run.step_items()]
-    cfg = TrainConfig(base_model="tiny-sdxl (reference equivalence)", instance_dir=str(instance), identifier="zwx",
-                      class_noun="dog", output=str(tmp_path / "zwx-dog.safetensors"), resolution=RESOLUTION,
-                      batch_size=1, max_train_steps=STEPS, learning_rate=LEARNING_RATE, lr_scheduler="constant",
-                      lr_warmup_steps=0, with_prior_preservation=False, train_text_encoder=False, optimizer="adamw",
-                      mixed_precision="no", attention="sdpa", adam_weight_decay=1e-2, max_grad_norm=1.0, seed=0,
-                      device="cpu", resume=False)
+    cfg = reference_config(tmp_path, base_model="tiny-sdxl (reference equivalence)", instance_dir=str(instance),
+                           with_prior_preservation=False, train_text_encoder=False)
     result = train(cfg, bundle=bundle, randomness=replay)
     unet = compare(state(bundle.unet), run.unet_state(), initial_unet)
 

@@ -3,8 +3,6 @@ holding half of the trained weights, gradients and optimizer state, against one 
 global batch and draws."""
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.test_data_parallel import ROOT, command, max_difference, run
+from tests.test_data_parallel import command, kill_at, max_difference, run
 from tests.tiny import tiny_bundle
 from trainer.checkpoint import save_checkpoint
 
@@ -79,15 +77,7 @@ def test_a_killed_sharded_run_resumes_to_the_uninterrupted_runs_weights(bases, t
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     output = tmp_path / "killed.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command(bases["sd1"], output, 2, 1, *steps), cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # kill every process of the run once it is past the state of step 2
-        if line.startswith("Training 3/8"):
-            subprocess.run(["pkill", "-KILL", "-f", str(output)], check=True)
-            break
-    process.wait(60)
-    assert not output.exists()
+    kill_at(command(bases["sd1"], output, 2, 1, *steps), "Training 3/8", output)  # past the state of step 2
 
     # Each process saved its own half of the optimizer's state (AdamW: two moments per trained weight).
     state = tmp_path / "killed.state"

@@ -39,7 +39,6 @@ from .phases import ENCODING, PREVIEWS, SAVING, TRAINING, OutOfMemory, Phase
 from .priors import default_cache_root, ensure_class_priors, load_prior_images, make_class_priors
 from .provenance import Provenance
 from .randomness import StepRandomness
-from .sharding import Shards, check_state_folder, optimizer_file
 from . import sharding
 from .sampling import native_size, sample_images, size_multiple, vae_dtype
 from .tokens import identifier_warnings
@@ -187,7 +186,7 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     _prepare_for_training(bundle, cfg, modules, phase, callbacks)
     shards = None
     if processes.sharded:
-        shards = Shards(modules, processes)
+        shards = sharding.Shards(modules, processes)
         for module in modules.values():
             phase.forget(module)  # FSDP holds it now; the run ends in this process, not back on the CPU
     unet = bundle.unet  # the step's forward; with compile_unet a compiled wrapper, and bundle.unet stays plain
@@ -212,15 +211,7 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
     def save_state():
         # Data parallel: every process holds the same weights, optimizer state and stream; rank 0 writes them.
         # Sharded: the weights are gathered for rank 0, and each process stages its own optimizer state first.
-        weights = shards.full_states() if shards else None
-        if shards:
-            if processes.main:
-                state_io.start_staging(state_dir)
-            processes.barrier()
-            if not processes.main:
-                state_io.save_optimizer_shard(state_io.staging_dir(state_dir) / optimizer_file(processes.rank),
-                                              optimizer)
-            processes.barrier()
+        weights = shards.stage_state(state_dir, optimizer) if shards else None
         if processes.main:
             state_io.save_state(state_dir, fingerprint=provenance.fingerprint(), position=position, modules=modules,
                                 optimizer=optimizer, lr_scheduler=lr_scheduler, randomness=randomness,
@@ -276,12 +267,11 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                 pred = unet(noisy, timesteps, **cond.unet_kwargs(time_ids)).sample
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
-            if shards:
-                _optimizer_step(loss * shards.loss_weight(local_n, global_n), params, optimizer, lr_scheduler, None,
-                                0.0, sync=lambda: shards.take_gradients(cfg.max_grad_norm))
-            else:
-                _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm,
-                                sync=lambda: processes.average_gradients(params, local_n, global_n))
+            backward_loss, sync = loss, lambda: processes.average_gradients(params, local_n, global_n)
+            if shards:  # FSDP averages the gradients itself; the weight makes that the global batch's
+                backward_loss = loss * shards.loss_weight(local_n, global_n)
+                sync = lambda: shards.take_gradients(cfg.max_grad_norm)  # noqa: E731
+            _optimizer_step(backward_loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=sync)
 
         position.step += 1
         loss_value, instance_value, prior_value = processes.totals(  # the global batch's, as one process sees it
@@ -436,7 +426,6 @@ def _class_images(cfg, bundle, callbacks, device, processes=distributed.SINGLE):
         processes.barrier()
         if processes.main:  # all there now: this draws nothing, it records them in the cache's manifest
             ensure_class_priors(bundle, cfg.class_prompt, **settings)
-        processes.barrier()
     # Our own images, already at the training size: no photo checks (they refuse sizes below 64 px).
     return [SubjectImage(path.name, image) for path, image in zip(paths, load_prior_images(paths))]
 
@@ -540,7 +529,7 @@ def _warnings(cfg, bundle, instance_images) -> list[str]:
 
 
 def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness, scaler, callbacks,
-            processes=distributed.SINGLE, shards: Shards | None = None):
+            processes=distributed.SINGLE, shards: sharding.Shards | None = None):
     fresh = state_io.Position(0, [], 0), [], []
     if not cfg.resume:
         return fresh
@@ -563,12 +552,11 @@ def _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, random
                           "Training starts again; the old state is replaced when this run saves one")
             return fresh
         if shards:
-            check_state_folder(candidate, processes)
-        own_shard = optimizer_file(processes.rank) if shards and not processes.main else None
+            shards.check_state(candidate)
         position = state_io.load_state(candidate, meta, modules=modules, optimizer=optimizer,
                                        lr_scheduler=lr_scheduler, randomness=randomness, scaler=scaler,
                                        load_weights=shards.load_full_state if shards else None,
-                                       optimizer_shard=own_shard)
+                                       optimizer_shard=shards.own_optimizer_file if shards else None)
         callbacks.log(f"Resuming from step {position.step} ({candidate})")
         return position, list(meta["losses"]), list(meta.get("evaluations", []))
     return fresh

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import state as state_io
 from .config import ConfigError
 
 # The blocks gathered one at a time: each holds a small share of the weights, so the full weights of one block (and
@@ -123,6 +124,33 @@ class Shards:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {name: get_model_state_dict(module, options=options) for name, module in self.modules.items()}
 
+    def stage_state(self, state_dir: Path, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+        """A state save's part that every process does: the full weights gathered for rank 0 (returned; empty on the
+        others), and each other process's optimizer state written into the state's staging folder, which rank 0
+        then completes and swaps in (trainer/state.py's save_state with staged=True)."""
+        weights = self.full_states()
+        if self.processes.main:
+            state_io.start_staging(state_dir)
+        self.processes.barrier()
+        if not self.processes.main:
+            state_io.save_optimizer_shard(state_io.staging_dir(state_dir) / optimizer_file(self.processes.rank),
+                                          optimizer)
+        self.processes.barrier()
+        return weights
+
+    @property
+    def own_optimizer_file(self) -> str | None:
+        """This process's optimizer file in a state folder; None for rank 0, whose state is the usual one."""
+        return None if self.processes.main else optimizer_file(self.processes.rank)
+
+    def check_state(self, folder: Path) -> None:
+        """A sharded state must have every process's optimizer file."""
+        size = self.processes.size
+        missing = [optimizer_file(r) for r in range(1, size) if not (folder / optimizer_file(r)).exists()]
+        if missing:
+            raise ConfigError(f"{folder} lacks {', '.join(missing)}: it was not saved by a sharded run on {size} "
+                              "processes. Resume it as it was run, or delete the folder to start again.")
+
     def unshard(self, bundle) -> dict[str, torch.nn.Module]:
         """The trained modules as plain modules again, with the full weights, on rank 0 (the others get nothing
         back: their part of the run is over). Replaces the sharded modules in `bundle`."""
@@ -169,11 +197,3 @@ def _keep_recordable_outputs(module: torch.nn.Module, recordable) -> None:
 def optimizer_file(rank: int) -> str:
     """The file of one process's optimizer state in a sharded run's state folder (rank 0's is the usual one)."""
     return f"optimizer.rank{rank}.tensors"  # (not *.safetensors: see trainer/state.py)
-
-
-def check_state_folder(folder: Path, processes) -> None:
-    """A sharded state must have every process's optimizer file."""
-    missing = [optimizer_file(r) for r in range(1, processes.size) if not (folder / optimizer_file(r)).exists()]
-    if missing:
-        raise ConfigError(f"{folder} lacks {', '.join(missing)}: it was not saved by a sharded run on "
-                          f"{processes.size} processes. Resume it as it was run, or delete the folder to start again.")

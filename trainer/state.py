@@ -79,13 +79,13 @@ def save_optimizer_shard(path: Path, optimizer) -> None:
 
 def save_finished_state(directory: Path, *, fingerprint: str, position: Position,
                         modules: dict[str, torch.nn.Module], losses: list[float], made_from: dict | None = None,
-                        evaluations: list[dict] = (), weights: dict | None = None) -> None:
+                        evaluations: list[dict] = ()) -> None:
     """A run whose steps are all done but whose output could not be written: its weights only (no more steps will
     need the optimizer), so that running it again only saves."""
     meta = {"format": STATE_FORMAT, "fingerprint": fingerprint, "step": position.step, "finished": True,
             "epoch_order": position.epoch_order, "epoch_pos": position.epoch_pos, "losses": losses,
             "made_from": made_from, "evaluations": list(evaluations)}
-    _write(directory, {WEIGHTS: _weights(modules, weights)}, meta)
+    _write(directory, {WEIGHTS: _weights(modules)}, meta)
 
 
 def _write(directory: Path, tensor_files: dict[str, dict[str, torch.Tensor]], meta: dict, staged: bool = False) -> None:
@@ -125,7 +125,10 @@ def load_state(directory: Path, meta: dict, *, modules, optimizer, lr_scheduler,
     for name, module in modules.items():
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        (load_weights or (lambda _, s: module.load_state_dict(s)))(name, state)
+        if load_weights is not None:
+            load_weights(name, state)
+        else:
+            module.load_state_dict(state)
     if meta.get("finished"):  # all steps done: nothing else is needed to save the output
         return Position(meta["step"], meta["epoch_order"], meta["epoch_pos"])
     opt_tensors = load_file(directory / OPTIMIZER)
