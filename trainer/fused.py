@@ -24,10 +24,11 @@ The fp32 copy costs one tensor's worth of memory, not the model's: for each tens
 into a scratch buffer shared by all tensors (sized to the largest), which its optimizer sees as a persistent fp32
 "shadow" Parameter (so the optimizer's state stays keyed by one object and its moments are fp32, or 8-bit); the
 gradient goes to fp32 in a second such buffer, the optimizer steps the shadow, and the result is rounded into the
-bf16 weight. The random bits come from a generator of their own (seeded from TrainConfig.seed), which is saved in the
-optimizer's state so that a resumed run rounds exactly as an uninterrupted one. With fused_backward this happens in
-the backward hook (clipping per tensor, in fp32); without it, in step() after backward (clipping over all gradients,
-the norm taken in fp32).
+bf16 weight. The random bits of a tensor's k-th rounding come from a generator seeded with (TrainConfig.seed, the
+tensor's index, k): the same bits whatever order the tensors are stepped in (fused_backward steps them as their
+gradients complete, an order that sharding changes) and wherever a run resumes (the counts are in the optimizer's
+saved state). With fused_backward this happens in the backward hook (clipping per tensor, in fp32); without it, in
+step() after backward (clipping over all gradients, the norm taken in fp32).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from typing import Callable
 import torch
 
 _BF16_HIGH_BITS = -(1 << 16)  # 0xFFFF0000 as int32: the bits an fp32 shares with the bf16 value it starts with
+_64_BITS = (1 << 64) - 1
 
 
 def stochastic_round_to_bf16_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator | None = None, *,
@@ -79,9 +81,21 @@ def stochastic_round_to_bf16_(dst: torch.Tensor, src: torch.Tensor, generator: t
 
 
 def rounding_seed(seed: int) -> int:
-    """The stochastic-rounding generator's seed for TrainConfig.seed: not the seed itself, whose CPU stream
+    """The stochastic rounding's seed for TrainConfig.seed: not the seed itself, whose CPU stream
     trainer/randomness.py draws the noise from."""
     return (seed * 0x9E3779B97F4A7C15 + 0x6A09E667F3BCC909) % (1 << 63)
+
+
+def mixed_seed(*values: int) -> int:
+    """A generator seed (63 bits) from several integers, each stirred in with splitmix64's steps: nearby inputs
+    (tensor 3's round 7, tensor 4's round 7) give unrelated seeds."""
+    x = 0
+    for value in values:
+        x = (x + value + 0x9E3779B97F4A7C15) & _64_BITS
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _64_BITS
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _64_BITS
+        x ^= x >> 31
+    return x >> 1
 
 
 class PerTensorOptimizer(torch.optim.Optimizer):
@@ -108,6 +122,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.shadows: list[torch.nn.Parameter] | None = None
         self.generator: torch.Generator | None = None
+        self.rounds = [0] * len(self.params)  # how often each tensor has been rounded (bf16 weights)
         self.windows = windows
         if rounding_seed is not None:
             self._make_shadows(rounding_seed)
@@ -126,7 +141,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         self._weight_scratch = torch.empty(largest, dtype=torch.float32, device=device)
         self._grad_scratch = torch.empty(largest, dtype=torch.float32, device=device)
         self.shadows = [torch.nn.Parameter(self._scratch(self._weight_scratch, p)) for p in self.params]
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.generator, self.rounding_seed = torch.Generator(device), seed
         if self.windows is not None:  # the random bits of the largest whole tensor
             self._draw_scratch = torch.empty(max((total for total, _ in self.windows), default=0), dtype=torch.int32,
                                              device=device)
@@ -140,9 +155,9 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         # Looked up each time: load_state_dict gives every per-tensor optimizer new group dicts.
         return [optimizer.param_groups[0] for optimizer in self.optimizers]
 
-    def _step_tensor(self, i: int, clip_coef: torch.Tensor | None = None) -> None:
-        """Step tensor i from its gradient, scaled by clip_coef (global clipping) or, inside backward, clipped on
-        its own. The caller frees the gradient."""
+    def step_tensor(self, i: int, clip_coef: torch.Tensor | None = None) -> None:
+        """Step tensor i from its gradient, scaled by clip_coef (clipping decided by the caller: over all gradients,
+        or over a sharded tensor's shards) or, inside backward, clipped on its own. The caller frees the gradient."""
         param, optimizer = self.params[i], self.optimizers[i]
         if param.grad is None:
             return
@@ -159,6 +174,8 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         optimizer.step()
         if self.shadows is not None:
             stepped.grad = None
+            self.generator.manual_seed(mixed_seed(self.rounding_seed, i, self.rounds[i]))
+            self.rounds[i] += 1
             with torch.no_grad():  # the gradient scratch is free again: it takes the random bits
                 if self.windows is None:
                     stochastic_round_to_bf16_(param, stepped, self.generator,
@@ -179,7 +196,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         """Clip over all gradients, then step each tensor (FusedBackward: nothing left to do)."""
         clip_coef = self._clip_coef()
         for i in range(len(self.params)):
-            self._step_tensor(i, clip_coef)
+            self.step_tensor(i, clip_coef)
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -188,7 +205,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """{"state": {i: state of tensor i}, "param_groups": [group of tensor i with "params": [i]]}, and with bf16
-        weights "stochastic_rounding": {"generator": its state}."""
+        weights "stochastic_rounding": {"rounds": how often each tensor has been rounded}."""
         state, groups = {}, []
         for i, optimizer in enumerate(self.optimizers):
             own = optimizer.state_dict()
@@ -197,7 +214,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
             groups.append({**own["param_groups"][0], "params": [i]})
         saved = {"state": state, "param_groups": groups}
         if self.generator is not None:
-            saved["stochastic_rounding"] = {"generator": self.generator.get_state()}
+            saved["stochastic_rounding"] = {"rounds": torch.tensor(self.rounds, dtype=torch.int64)}
         return saved
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,8 +229,9 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         for i, (optimizer, group) in enumerate(zip(self.optimizers, groups)):
             state = {0: state_dict["state"][i]} if i in state_dict["state"] else {}
             optimizer.load_state_dict({"state": state, "param_groups": [{**group, "params": [0]}]})
-        if rounding is not None:
-            self.generator.set_state(rounding["generator"])
+        if rounding is not None:  # (saved before the counts: one generator for all tensors; go on from their steps)
+            self.rounds = (rounding["rounds"].tolist() if "rounds" in rounding else
+                           [int(state_dict["state"].get(i, {}).get("step", 0)) for i in range(len(self.params))])
 
 
 class FusedBackward(PerTensorOptimizer):
@@ -237,7 +255,7 @@ class FusedBackward(PerTensorOptimizer):
         def step(param: torch.Tensor) -> None:
             # Autograd calls this once all contributions to param.grad are summed, and every node that needed
             # param's old value has run, so updating it in place here is safe.
-            self._step_tensor(i)
+            self.step_tensor(i)
             param.grad = None  # the memory saved: this gradient is gone before the next one is complete
         return step
 
