@@ -94,6 +94,7 @@ class StorageTracker(TorchDispatchMode):
         self.shapes_only = shapes_only  # inside ShapesOnly: storages are meta (sizes without data), and counted
         self.live = 0
         self.peak = 0
+        self.high_water = 0  # the highest live bytes since mark()
         self._entries: dict[int, _Entry] = {}  # StorageImpl address (`_cdata`) -> entry, for live counted storages
         self._ignored: set[int] = set()  # storages that existed at the start and are not counted
         self._tag = "other"  # category of new allocations (see `set_tag`)
@@ -266,8 +267,14 @@ class StorageTracker(TorchDispatchMode):
             self._grow(nbytes)
         weakref.finalize(storage, self._freed, storage._cdata).atexit = False
 
+    def mark(self) -> int:
+        """Watch the highest live bytes (high_water) from now on; returns what is live now."""
+        self.high_water = self.live
+        return self.live
+
     def _grow(self, nbytes: int) -> None:
         self.live += nbytes
+        self.high_water = max(self.high_water, self.live)
         if self.live > self.peak:
             self.peak = self.live
             self._peak_pending = True
@@ -610,9 +617,13 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
         records[-1].setdefault("peak_before_optimizer", tracker.peak)  # forward and backward (without fused_backward)
         records[-1].setdefault("breakdown_before_optimizer", tracker.peak_breakdown())
         tracker.set_tag("optimizer temps")
+        found["live_before_optimizer"] = tracker.mark()
 
     def after_optimizer_step(opt, args, kwargs) -> None:
         tracker.set_tag("other")
+        # what one optimizer step (fused_backward: one tensor's) adds at most: its temporaries, a new state
+        rise = tracker.high_water - found["live_before_optimizer"]
+        records[-1]["optimizer_rise"] = max(records[-1].get("optimizer_rise", 0), rise)
         tracker.retag(optimizer_state_tensors(opt), "optimizer state")
 
     records = []
@@ -689,26 +700,31 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 SHARDED = ("weights", "grads", "optimizer state", "optimizer temps")
 
 
-def sharded_peak(result: dict, processes: int) -> int | None:
+def sharded_peak(result: dict, processes: int) -> int:
     """Each process's peak when the measured step is sharded across `processes` (FSDP, trainer/sharding.py), from the
-    one-process measurement (None for a setting sharding refuses or changes: fused_backward).
+    one-process measurement.
 
-    Each step has two peaks. In the optimizer's step: the sharded categories divided by `processes`, the rest as it
-    was. In forward/backward: the same, plus every gradient's shard (FSDP's peak comes later in the backward pass
-    than one process's, as each block's gradient leaves it reduce-scattered: counting all of them is the upper
-    bound), plus what FSDP holds in full beyond a process's shards: each module's root unit (weights outside the
-    sharded blocks: embeddings, in/out convolutions), the block running and the next one fetched ahead, and the
-    running block's full gradients before they are reduce-scattered (all in the weights' dtype). At the end of the
-    backward pass: every gradient's shard, and the roots' weights and full gradients. An upper bound: sharded runs
-    measured on the CPU (the small models, N = 2 and 4, five settings) came 2.5-17% under it; tests/test_memory_model.py
-    holds two of them to it."""
+    What FSDP holds in full beyond a process's shards, in the weights' dtype: in the middle of the backward pass, each
+    module's root unit (weights outside the sharded blocks: embeddings, in/out convolutions), the block running and
+    the next one fetched ahead, the running block's full gradients and the copy of them that is reduce-scattered;
+    at its end, when FSDP reduces the roots, their full weights, full gradients, that copy and its shard.
+
+    Without fused_backward each step has three peaks. In the optimizer's step: the sharded categories divided by
+    `processes`, the rest as it was. In forward/backward: the same, plus every gradient's shard (FSDP's peak comes
+    later in the backward pass than one process's, as each block's gradient leaves it reduce-scattered: counting all
+    of them is the upper bound), plus what FSDP holds in full. At the end of the backward pass: every gradient's
+    shard, what is kept between steps, and the roots being reduced. With fused_backward (Shards.stepping_in_backward)
+    there is no optimizer step after the backward pass, and of the gradients' shards only two units' exist at once
+    (one waiting to be stepped, one arriving): the one-process peak divided, plus what FSDP holds in full.
+
+    An upper bound: sharded runs measured on the CPU (the small models, N = 2 and 4, eight settings, with and without
+    fused_backward) came 0-17% under it; tests/test_memory_model.py holds three of them to it."""
     if processes == 1:
         return result["peak"]
-    if result["config"].get("fused_backward"):
-        return None
-    units = result["units"]
-    gathered = units["bytes_per_weight"] * (units["roots"] + 3 * units["largest"])
-    all_grads = units["bytes_per_weight"] * result["trained_params"]
+    units, bytes_per_weight = result["units"], result["units"]["bytes_per_weight"]
+    gathered = bytes_per_weight * (units["roots"] + 4 * units["largest"])
+    roots_reduced = bytes_per_weight * (3 * units["roots"] + units["roots"] // processes)
+    all_grads = bytes_per_weight * result["trained_params"]
     # bf16 weights: the random bits of the largest whole tensor (trainer/fused.py's window), all along; one process
     # draws them into its gradient scratch, which is counted, and divided, with the optimizer's state.
     draws = 4 * units["largest_tensor"] if result["config"].get("bf16_weights") else 0
@@ -717,16 +733,23 @@ def sharded_peak(result: dict, processes: int) -> int | None:
         sharded = sum(breakdown[c] for c in SHARDED)
         return peak - sharded + sharded // processes + draws
 
+    if result["config"].get("fused_backward"):  # (the roots' shards are stepped while FSDP reduces them)
+        pending = 2 * bytes_per_weight * units["largest"] // processes
+        return max(max(divided(s["peak"], s["peak_breakdown"]) + gathered,
+                       divided(s["live_at_start"], s["start_breakdown"]) + roots_reduced
+                       + s["optimizer_rise"] // processes) + pending
+                   for s in result["steps"])
+
     def backward(step: dict) -> int:
         breakdown = step["breakdown_before_optimizer"]
         later_grads = (all_grads - breakdown["grads"]) // processes
         return divided(step["peak_before_optimizer"], breakdown) + later_grads + gathered
 
-    def end_of_backward(step: dict) -> int:  # every gradient's shard, the roots' weights and gradients in full
+    def end_of_backward(step: dict) -> int:
         breakdown = step["peak_breakdown"]  # (at the optimizer's step: the activations are gone)
         rest = step["peak"] - sum(breakdown[c] for c in SHARDED)
         held = breakdown["weights"] + breakdown["optimizer state"] + all_grads
-        return rest + held // processes + 2 * units["bytes_per_weight"] * units["roots"] + draws
+        return rest + held // processes + roots_reduced + draws
 
     return max(max(divided(s["peak"], s["peak_breakdown"]), backward(s), end_of_backward(s))
                for s in result["steps"])
@@ -816,8 +839,7 @@ def sharded_markdown(results: list[dict], processes: list[int], unit: str = "GiB
         cells = [r["setting"]]
         for n in processes:
             peak = sharded_peak(r, n)
-            cells.append("— (fused_backward: off when sharded)" if peak is None
-                         else f"{peak / scale:.2f} / {estimated_reserved(peak) / scale:.2f}")
+            cells.append(f"{peak / scale:.2f} / {estimated_reserved(peak) / scale:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

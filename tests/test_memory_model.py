@@ -306,7 +306,7 @@ def measured(command: list[str]) -> dict:
 
 
 @pytest.mark.slow  # about 40 s each on 2 cores
-@pytest.mark.parametrize("setting", ["fp32+te", "bf16+8bit+gc"])
+@pytest.mark.parametrize("setting", ["fp32+te", "bf16+8bit+gc", "bf16+8bit+gc+fused_backward+bf16_weights+te"])
 def test_the_sharded_projection_bounds_a_sharded_run_measured_in_two_processes(setting):
     """sharded_peak (projected from one process) against the peak of rank 0 of a real two-process sharded run (FSDP on
     gloo, the tracker watching FSDP's storage resizes): never under it, and near it."""
@@ -316,8 +316,9 @@ def test_the_sharded_projection_bounds_a_sharded_run_measured_in_two_processes(s
                     "--one", setting + "+shard"])
     assert two["processes"] == 2
     # the run was sharded: each process held about half of the optimizer's state (8-bit AdamW keeps 32-bit state for
-    # tensors under 4096 elements, and sharding makes more of them)
+    # tensors under 4096 elements, and sharding makes more of them; bf16 weights' scratch, the largest whole tensor's
+    # random bits among it, is not divided)
     state = [max(step["peak_breakdown"]["optimizer state"] for step in run["steps"]) for run in (one, two)]
-    assert 0.45 * state[0] < state[1] < 0.65 * state[0]
+    assert 0.45 * state[0] < state[1] < (0.9 if "bf16_weights" in setting else 0.65) * state[0]
     projected = memory_model.sharded_peak(one, 2)
     assert two["peak"] <= projected <= 1.25 * two["peak"], (two["peak"] / MIB, projected / MIB)

@@ -66,6 +66,92 @@ def test_bf16_weights_are_rounded_with_the_draws_one_process_makes(bases, tmp_pa
     assert apart < 0.05 * moved and (a != b).float().mean() < 0.15, (apart / moved, (a != b).float().mean())
 
 
+def test_fused_backward_steps_each_shard_in_backward_as_one_process_does(bases, tmp_path):
+    # Clipped hard (max_grad_norm 0.05: most tensors are clipped, each by its own norm), which a process takes over
+    # all shards of a tensor, not its own: clipping by a shard's norm alone clips less and lands elsewhere.
+    steps = ["--max-train-steps", "4", "--train-text-encoder", "--fused-backward"]
+    one = run(command(bases["sd1"], tmp_path / "one.safetensors", 1, 2, *steps, "--max-grad-norm", "0.05"))
+    two = run(command(bases["sd1"], tmp_path / "two.safetensors", 2, 1, *steps, "--max-grad-norm", "0.05", "--shard"))
+    unclipped = run(command(bases["sd1"], tmp_path / "unclipped.safetensors", 1, 2, *steps, "--max-grad-norm", "0"))
+    for done in (one, two, unclipped):
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert SHARDED_SAYS in two.stdout and "fused backward" in two.stdout
+    moved = max_difference(bases["sd1"], tmp_path / "one.safetensors")
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "unclipped.safetensors") > 0.5 * moved
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") < 1e-6
+
+
+def test_fused_backward_steps_each_units_shards_before_the_next_units_arrive(tmp_path):
+    # In one process (FSDP over a group of 1): every tensor is stepped once, inside backward(), and when one is
+    # stepped the gradients' shards that exist belong to at most two units (the one being stepped, the one
+    # arriving), never to all of them: the memory fused_backward saves.
+    import torch.distributed as dist
+
+    from trainer.config import TrainConfig
+    from trainer.distributed import Processes
+    from trainer.optim import make_optimizer
+    from trainer.sharding import Shards
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        unet = tiny_bundle("sd1").unet.train()
+        shards = Shards({"unet": unet}, Processes(size=1, sharded=True))
+        cfg = TrainConfig(fused_backward=True, optimizer="adamw", learning_rate=1e-3)
+        optimizer = make_optimizer(cfg, shards.local, torch.device("cpu"), shards.windows)
+        stepped, holding = [], []
+        step_tensor = optimizer.step_tensor
+
+        def watched(i, coef=None):
+            stepped.append(i)
+            holding.append({shards.unit_of[j] for j, (local, param) in enumerate(zip(shards.local, shards.params))
+                            if local.grad is not None or param.grad is not None})
+            step_tensor(i, coef)
+
+        optimizer.step_tensor = watched
+        before = [local.detach().clone() for local in shards.local]
+        generator = torch.Generator().manual_seed(0)
+        noisy, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 7, 32, generator=generator)
+        loss = unet(noisy, torch.tensor([10]), encoder_hidden_states=context).sample.pow(2).mean()
+        with shards.stepping_in_backward(optimizer, max_grad_norm=1.0):
+            loss.backward()
+            assert len(stepped) < len(shards.params)  # (the roots: stepped once backward() has returned)
+        assert sorted(stepped) == list(range(len(shards.params)))
+        assert len(set(shards.unit_of)) > 10 and max(len(units) for units in holding) <= 2
+        assert all(local.grad is None and param.grad is None for local, param in zip(shards.local, shards.params))
+        assert all(not torch.equal(old, new) for old, new in zip(before, shards.local))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sdxl_with_both_text_encoders_on_bf16_weights_and_fused_backward_sharded(bases, tmp_path):
+    # What SDXL's 12 GB preset is on a GPU with bf16, sharded (each lever on shards): against one process with the
+    # global batch, the same up to 8-bit blocks of a shard and float rounding tipping a stochastic rounding.
+    pytest.importorskip("bitsandbytes")
+    steps = ["--max-train-steps", "3", "--train-text-encoder", "--resolution", "64", "--mixed-precision", "bf16",
+             "--bf16-weights", "--fused-backward", "--gradient-checkpointing", "--optimizer", "adamw8bit"]
+    one = run(command(bases["sdxl"], tmp_path / "one.safetensors", 1, 2, *steps))
+    two = run(command(bases["sdxl"], tmp_path / "two.safetensors", 2, 1, *steps, "--shard"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    base, a, b = (load_file(path) for path in (bases["sdxl"], tmp_path / "one.safetensors",
+                                               tmp_path / "two.safetensors"))
+    for prefix in ("model.diffusion_model.", "conditioner.embedders.0.", "conditioner.embedders.1."):
+        keys = [k for k in base if k.startswith(prefix)]
+        w0, w1, w2 = (torch.cat([w[k].float().flatten() for k in keys]) for w in (base, a, b))
+        moved, apart = (w1 - w0).abs().mean(), (w2 - w1).abs().mean()
+        assert (w1 != w0).float().mean() > 0.9, prefix  # it trained
+        assert apart < 0.05 * moved, (prefix, apart / moved)
+
+
+def test_a_memory_presets_adafactor_becomes_8bit_adamw_when_sharded(bases, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    two = run(command(bases["sdxl"], tmp_path / "two.safetensors", 2, 1, "--max-train-steps", "1", "--resolution",
+                      "64", "--memory-preset", "12GB", "--shard"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Sharded: optimizer adamw8bit instead of the memory preset '12 GB''s adafactor" in two.stdout
+    assert "gradient checkpointing, fused backward" in two.stdout  # the preset's other levers stay
+
+
 def optimizer_elements(path: Path) -> int:
     with safe_open(path, "pt") as file:
         return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())

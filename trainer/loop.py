@@ -88,10 +88,11 @@ def train(cfg: TrainConfig, bundle: ModelBundle | None = None, callbacks: Callba
         cfg = with_memory_preset(for_model(cfg, bundle), device, callbacks.log, bundle.spec).validate()
         if processes.parallel:
             processes = dataclasses.replace(processes, sharded=sharding.asked(cfg.shard))
-            if processes.sharded and cfg.fused_backward and cfg.memory_preset != "custom":
-                cfg = dataclasses.replace(cfg, fused_backward=False)
-                callbacks.log(f"Sharded: fused_backward off (the memory preset {cfg.memory_preset!r} turned it on; "
-                              "sharding divides the gradients' memory by the number of processes instead)")
+            if processes.sharded and cfg.optimizer == "adafactor" and cfg.memory_preset != "custom":
+                cfg = dataclasses.replace(cfg, optimizer="adamw8bit")
+                callbacks.log(f"Sharded: optimizer adamw8bit instead of the memory preset {cfg.memory_preset!r}'s "
+                              "adafactor, whose statistics span whole rows of weights that the processes hold in "
+                              "pieces (8-bit AdamW's state is divided by the number of processes instead)")
             _check_data_parallel(cfg, processes.sharded)  # (after the memory preset, which may turn levers on)
             callbacks.log(f"Data parallel: {processes.size} processes x batch {cfg.batch_size} = a global batch of "
                           f"{processes.size * cfg.batch_size}; gradients averaged; learning rate {cfg.learning_rate:g} "
@@ -268,10 +269,13 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             backward_loss, sync = loss, lambda: processes.average_gradients(params, local_n, global_n)
+            in_backward = None
             if shards:  # FSDP averages the gradients itself; the weight makes that the global batch's
                 backward_loss = loss * shards.loss_weight(local_n, global_n)
                 sync = lambda: shards.take_gradients(cfg.max_grad_norm)  # noqa: E731
-            _optimizer_step(backward_loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=sync)
+                in_backward = lambda: shards.stepping_in_backward(optimizer, cfg.max_grad_norm)  # noqa: E731
+            _optimizer_step(backward_loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=sync,
+                            in_backward=in_backward)
 
         position.step += 1
         loss_value, instance_value, prior_value = processes.totals(  # the global batch's, as one process sees it
@@ -468,12 +472,15 @@ def _set_attention(unet, choice: str, callbacks) -> None:
     unet.set_attn_processor(AttnProcessor2_0())
 
 
-def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=lambda: None) -> None:
-    """One step; `sync` runs between the backward pass and the update (data parallel: average the gradients)."""
+def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=lambda: None,
+                    in_backward=None) -> None:
+    """One step; `sync` runs between the backward pass and the update (data parallel: average the gradients).
+    fused_backward: `in_backward` makes the context in which backward() steps (sharded: Shards'), by default the
+    optimizer's own."""
     if isinstance(optimizer, FusedBackward):
         # backward() itself clips (per tensor), steps and frees each gradient: see trainer/fused.py. The hooks
         # are on for this backward only, so the model never keeps them (sampling, the caller, errors).
-        with optimizer.stepping_in_backward():
+        with (in_backward or optimizer.stepping_in_backward)():
             loss.backward()
         optimizer.step()  # a no-op, for the LR scheduler's order check
         lr_scheduler.step()
@@ -628,10 +635,10 @@ def _check_data_parallel(cfg: TrainConfig, sharded: bool) -> None:
     if problems:
         raise ConfigError("Sharded training (--shard, or accelerate's FSDP) does not combine with " +
                           "; nor with ".join(problems) + ".")
-    if cfg.fused_backward:
+    if cfg.fused_backward and not sharded:
         raise ConfigError("fused_backward: steps the optimizer inside the backward pass, before the processes' "
-                          "gradients are averaged; turn it off (or choose a memory preset without it) to train on "
-                          "several processes.")
+                          "gradients are averaged; shard (--shard), turn it off, or choose a memory preset without "
+                          "it to train on several processes.")
     if cfg.evaluate_every:
         raise ConfigError("evaluate_every: scoring while training runs on one process only for now; set it to 0 "
                           "to train on several processes, then measure the result with `python -m trainer evaluate`.")

@@ -8,11 +8,14 @@ batch's mean, as in unsharded data parallel).
 
 The optimizer steps plain tensors that are this process's shards (`local`), so any element-wise optimizer works on
 them unchanged: AdamW, bitsandbytes' 8-bit AdamW (per block of its own shard), and the bf16 weights' stochastic
-rounding. Gradient clipping needs the norm over all shards: one collective. When training ends, the full weights are
-gathered into plain modules on rank 0, which draws the previews and writes the output as in any other run.
+rounding. Gradient clipping needs the norm over all shards: one collective. With fused_backward, each block's shards
+are stepped as soon as FSDP has reduce-scattered their gradients, inside the backward pass, so that the gradients'
+shards never exist together either (stepping_in_backward). When training ends, the full weights are gathered into
+plain modules on rank 0, which draws the previews and writes the output as in any other run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -36,13 +39,23 @@ def units(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in reversed(list(module.modules())) if type(m).__name__ in UNIT_CLASSES] + [module]
 
 
+def owners(module: torch.nn.Module) -> list[int]:
+    """For each of module.parameters(), in order, the index in units(module) of the unit that holds it: the
+    innermost unit it is in (FSDP gathers and reduces each unit's own weights together)."""
+    found = units(module)
+    owner = {}
+    for index in reversed(range(len(found))):  # outermost first: inner units take their weights over
+        for param in found[index].parameters():
+            owner[id(param)] = index
+    return [owner[id(param)] for param in module.parameters()]
+
+
 def unit_sizes(module: torch.nn.Module) -> list[int]:
     """How many weights each of units(module) holds of its own (what one all-gather brings in full)."""
-    owner = {}
-    for unit in reversed(units(module)):  # outermost first: inner units take their weights over
-        for param in unit.parameters():
-            owner[id(param)] = unit
-    return [sum(p.numel() for p in unit.parameters() if owner[id(p)] is unit) for unit in units(module)]
+    sizes = [0] * len(units(module))
+    for param, index in zip(module.parameters(), owners(module)):
+        sizes[index] += param.numel()
+    return sizes
 
 
 def asked(flag: bool) -> bool:
@@ -78,6 +91,8 @@ class Shards:
         # gradients to the unsharded ones), so FSDP's warning that a text encoder returns a view is noise here.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.plain = {name: (type(module), module.config) for name, module in modules.items()}
+        # Each parameter's unit, numbered across the modules (their parameters keep their order when sharded).
+        self.unit_of = [(number, index) for number, module in enumerate(modules.values()) for index in owners(module)]
         for module in modules.values():
             recordable = _recordable_outputs(module)
             for unit in units(module):  # the module itself last: embeddings, in/out convolutions, final norms
@@ -112,6 +127,52 @@ class Shards:
         clip = (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(clip.to(grad.device))
+
+    @contextlib.contextmanager
+    def stepping_in_backward(self, optimizer, max_grad_norm: float):
+        """fused_backward, sharded: while inside, backward() steps each shard as soon as its gradient has arrived, and
+        frees it (the memory saved: every gradient's shard at once, the weights' size / N).
+
+        FSDP reduce-scatters one unit's gradients together and then calls each of its sharded weights' post-accumulate-
+        grad hooks in turn (on a GPU on its reduce stream, which the default stream waits for before using the
+        weights again). A unit's shards are stepped once the next unit's gradients arrive, or when backward() ends
+        (the modules' roots: FSDP reduces them in its final callback), with one collective for the whole tensors'
+        norms: each tensor is clipped on its own to max_grad_norm, as unsharded fused_backward clips
+        (trainer/fused.py), by its norm over all shards."""
+        pending: list[int] = []
+
+        def step_pending() -> None:
+            grads = [self.local[i].grad for i in pending]
+            coefs = [None] * len(pending)
+            if max_grad_norm and grads:
+                squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).pow(2)
+                squares = squares.to(self.processes.collective_device())
+                dist.all_reduce(squares)
+                coefs = (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].device).unbind()
+            for i, coef in zip(pending, coefs):
+                optimizer.step_tensor(i, coef)
+                self.local[i].grad = None
+            pending.clear()
+
+        def hook(i: int):
+            def arrived(param) -> None:
+                if pending and self.unit_of[pending[-1]] != self.unit_of[i]:
+                    step_pending()  # the previous unit's gradients are all here (FSDP reduces a unit at once)
+                self.local[i].grad = param.grad.to_local()
+                param.grad = None
+                pending.append(i)
+            return arrived
+
+        handles = [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(self.params) if p.requires_grad]
+        try:
+            yield
+            step_pending()
+        finally:
+            for i in pending:  # (an error in backward(): nothing half-stepped is kept for the next one)
+                self.local[i].grad = None
+            pending.clear()
+            for handle in handles:
+                handle.remove()
 
     def load_full_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Full weights (a saved state's) into the sharded module: each process keeps its shards."""
