@@ -19,6 +19,10 @@
 # committed (fetch diffusers' examples/text_to_image/train_text_to_image_sdxl.py); it needs `datasets`, which
 # bench/stand_ins/ stands in for where it is missing.
 #
+# The example workflow in a real ComfyUI (issue 10), capped at 7.6 and 11.6 GiB, every node's and phase's peak:
+#   bash bench/gpu_check.sh comfyui PATH/TO/ComfyUI [ITS_PYTHON]      (bench/comfyui_bench.py; ComfyUI's Python needs
+#   its requirements and this pack's)
+#
 # Needs: a Python with torch (CUDA), torchvision, transformers, accelerate, diffusers and bitsandbytes; where diffusers
 # or bitsandbytes are missing, put their wheels in .whl/ (bench/README.md says how) and they are installed to
 # /tmp/site. The reference script: $DREAMBOOTH_REFERENCE_SCRIPT, else .whl/train_dreambooth.py (a copy of
@@ -40,6 +44,12 @@ FAMILY=sd1
 if [ "${1:-}" = "evaluation" ]; then  # issue 13: what scoring every 100 of 400 steps adds (SD 1.5 at 512 px)
     "$PYTHON" bench/evaluation_cost.py --family sd1 --preset 24GB --steps 400 --every 100 2>&1 \
         | tee "$OUT/evaluation-cost.txt"
+    exit "${PIPESTATUS[0]}"
+fi
+if [ "${1:-}" = "comfyui" ]; then  # issue 10: the example workflow in ComfyUI, capped as on 8 and 12 GB cards
+    COMFYUI=${2:?usage: bash bench/gpu_check.sh comfyui PATH/TO/ComfyUI [ITS_PYTHON]}
+    "$PYTHON" bench/comfyui_bench.py --comfyui "$COMFYUI" ${3:+--python "$3"} --out "$OUT/comfyui.md" \
+        --out "$OUT/comfyui.json" 2>&1 | tee "$OUT/log-comfyui.txt"
     exit "${PIPESTATUS[0]}"
 fi
 if [ "${1:-}" = "sdxl" ]; then

@@ -202,3 +202,37 @@ def test_the_datasets_stand_in_feeds_the_sdxl_script_as_datasets_would(tmp_path,
     assert row["prompt_embeds"].tolist() == [5] and row["model_input"][0, 0, 0].item() == 112.0
     loader = torch.utils.data.DataLoader(precomputed, batch_size=2, collate_fn=lambda rows: rows)
     assert [len(batch) for batch in loader] == [2, 1]
+
+
+def test_the_comfyui_benchmark_gives_each_node_the_phases_it_logged_and_finds_what_is_over_budget():
+    from bench import comfyui_bench
+    # A capped GPU run's server log, as ComfyUI prints it: the pack's phase lines, then the probe's line for the node
+    # that ran them (bench/comfyui_probe), and ComfyUI's own lines between.
+    log = "\n".join([
+        "got prompt",
+        "[DreamBooth] Phase token probing: 3.9 s, peak 2.02 GiB allocated / 2.31 GiB reserved",
+        "[bench] node 2 DBStudioPickRareToken: 7.8 s, peak 2.05 GiB allocated / 2.33 GiB reserved",
+        "[DreamBooth] Phase class images: 48.4 s, peak 2.50 GiB allocated / 2.85 GiB reserved",
+        "[bench] node 3 DBStudioGenerateClassPriors: 49.0 s, peak 2.51 GiB allocated / 2.86 GiB reserved",
+        "[DreamBooth] Phase photo encoding: 0.9 s, peak 0.47 GiB allocated / 0.62 GiB reserved",
+        "[DreamBooth] Phase training: 82.6 s, peak 4.76 GiB allocated / 7.33 GiB reserved",
+        "[bench] node 4 DBStudioTrain: 84.8 s, peak 4.80 GiB allocated / 7.40 GiB reserved",
+        "Requested to load BaseModel",
+        "[bench] node 9 KSampler: 1.9 s, peak 2.10 GiB allocated / 2.20 GiB reserved",
+        "Prompt executed in 150 seconds",
+    ])
+    nodes = comfyui_bench.read_log(log, {"2": "DBStudioPickRareToken", "3": "DBStudioGenerateClassPriors",
+                                         "4": "DBStudioTrain", "9": "KSampler"})
+    assert [node["node"] for node in nodes] == ["DBStudioPickRareToken", "DBStudioGenerateClassPriors",
+                                                "DBStudioTrain", "KSampler"]
+    assert [[phase["phase"] for phase in node["phases"]] for node in nodes] == [
+        ["token probing"], ["class images"], ["photo encoding", "training"], []]
+    assert nodes[2]["phases"][1]["reserved_gib"] == 7.33 and nodes[3]["allocated_gib"] == 2.10
+    run = {"cap_gib": 7.6, "budget_gib": comfyui_bench.budget_for(7.6), "nodes": nodes}
+    assert comfyui_bench.over_budget([run]) == ["DBStudioTrain at 7.6 GiB", "DBStudioTrain/training at 7.6 GiB"]
+    assert comfyui_bench.over_budget([{**run, "budget_gib": comfyui_bench.budget_for(11.6)}]) == []
+    # on a CPU nothing is measured, and nothing is over
+    cpu = comfyui_bench.read_log("[DreamBooth] Phase training: 82.6 s\n[bench] node 4 DBStudioTrain: 84.8 s", {})
+    assert cpu == [{"node": "DBStudioTrain", "id": "4", "seconds": 84.8, "allocated_gib": None, "reserved_gib": None,
+                    "phases": [{"phase": "training", "seconds": 82.6, "allocated_gib": None, "reserved_gib": None}]}]
+    assert comfyui_bench.over_budget([{**run, "nodes": cpu}]) == []

@@ -14,9 +14,8 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.comfyui import ComfyUI, api_prompt, execution_errors, pack_home
 from tests.tiny import PHOTOS, tiny_bundle
 from trainer.checkpoint import read_metadata, save_checkpoint
 from trainer.models import build_bundle, shipped_configs
@@ -44,59 +44,11 @@ PACK_NODES = ("DBStudioPickRareToken", "DBStudioGenerateClassPriors", "DBStudioT
               "DBStudioEmptyLatent", "DBStudioToySubjectPhotos")
 
 
-class Server:
+class Server(ComfyUI):
+    """ComfyUI on the CPU (COMFYUI_DIR, run by COMFYUI_PYTHON or its .venv) on a throw-away base directory."""
+
     def __init__(self, base: Path, *options: str):
-        self.base = base
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR, ".venv", "bin", "python"))
-        self.log_path = base / "server.log"
-        self.process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch", *options],
-            cwd=COMFYUI_DIR, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                self.object_info = self.get("/object_info")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                assert self.process.poll() is None, self.log()
-                time.sleep(1)
-        raise TimeoutError(self.log())
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, path: str, body: dict | None = None):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body or {}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
-            return json.loads(text) if text else None
-
-    def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt})["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 900) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry["status"].get("completed") is not None and entry["status"]["status_str"]:
-                return entry
-            assert self.process.poll() is None, self.log()
-            time.sleep(1)
-        raise TimeoutError(f"prompt {prompt_id} did not finish\n{self.log()[-4000:]}")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        super().__init__(Path(COMFYUI_DIR), base, "--cpu", *options, python=os.environ.get("COMFYUI_PYTHON"))
 
 
 class Messages:
@@ -165,11 +117,7 @@ class Messages:
 def comfy_home(tmp_path_factory, name: str) -> tuple[Path, Path]:
     """A ComfyUI base directory with this pack linked into custom_nodes/, and its models/checkpoints folder."""
     base = tmp_path_factory.mktemp(name)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "dreambooth_studio").symlink_to(REPO, target_is_directory=True)
-    checkpoints = base / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    return base, checkpoints
+    return base, pack_home(base)
 
 
 @pytest.fixture(scope="module")
@@ -185,28 +133,6 @@ def server(tmp_path_factory):
     running = Server(base)
     yield running
     running.stop()
-
-
-def api_prompt(workflow: dict, object_info: dict) -> dict:
-    """The editor's saved workflow -> the API prompt the editor would queue (widget values in input order)."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        info = object_info[node["type"]]
-        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
-        values = list(node.get("widgets_values") or [])
-        inputs = {}
-        for section in ("required", "optional"):
-            for name in info["input_order"].get(section, []):
-                kind, options = (info["input"][section][name] + [{}])[:2]
-                if (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) and values:
-                    inputs[name] = values.pop(0)
-                    if options.get("control_after_generate"):
-                        values.pop(0)
-                if name in linked:
-                    inputs[name] = [str(linked[name][1]), linked[name][2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 def tiny_run(prompt: dict, photos: Path, output_name: str) -> dict:
@@ -228,8 +154,7 @@ def tiny_run(prompt: dict, photos: Path, output_name: str) -> dict:
     return prompt
 
 
-def errors(entry: dict) -> list[dict]:
-    return [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+errors = execution_errors
 
 
 def test_pack_loads_with_its_nodes_and_templates(server):
@@ -505,3 +430,21 @@ def test_requeue_reuses_the_result_until_a_photo_changes(server):
     assert error["exception_message"].startswith("output_name: ") and "set overwrite" in error["exception_message"]
     prompt["1"]["inputs"]["overwrite"] = True
     assert train_ran(server.wait(server.queue(prompt)))
+
+
+def test_the_capped_comfyui_benchmark_reports_every_node_and_the_phases_each_ran(tmp_path):
+    # bench/comfyui_bench.py's wiring on the toy workflow (on a GPU it runs the example workflow at full size, capped)
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "comfyui_bench.py"), "--comfyui", COMFYUI_DIR,
+                           *(["--python", os.environ["COMFYUI_PYTHON"]] if os.environ.get("COMFYUI_PYTHON") else []),
+                           "--small", "--caps", "7.6", "--out", str(report)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    [run] = json.loads(report.read_text())
+    assert run["status"] == "success" and run["cpu"]
+    phases = {node["node"]: [phase["phase"] for phase in node["phases"]] for node in run["nodes"]}
+    assert phases["DBStudioPickRareToken"] == ["token probing"]
+    assert phases["DBStudioGenerateClassPriors"] == ["class images"]
+    assert phases["DBStudioTrain"] == ["photo encoding", "training", "previews", "saving"]
+    assert {"DBStudioLoadSubjectModel", "KSampler", "VAEDecode", "SaveImage"} <= set(phases)
+    assert "| DBStudioTrain | training |" in done.stdout
