@@ -36,6 +36,24 @@ def test_every_phase_of_the_8gb_preset_fits_an_8gb_card():
     assert 0.9 * 4.70 * GIB <= result["peak"] <= 1.1 * 4.70 * GIB, report
 
 
+@pytest.mark.slow
+def test_every_phase_of_the_6gb_preset_fits_a_6gb_card():
+    # The same whole run decided as on a 6 GB laptop card with bf16 (5.8 GiB, what such a card reports), held to the
+    # 5.3 GiB it leaves for one process (issue 10), in ShapesOnly (see below; about 2 minutes). Its levers are the
+    # 8 GB preset's: this is what says they fit the smaller card.
+    torch.set_num_threads(2)
+    with memory_model.ShapesOnly():
+        bundle = random_bundle("sd1", small=False)
+    result = memory_model.measure(bundle, parse_setting("6GB+te").ours, steps=2, gpu_memory=int(5.8 * GIB),
+                                  whole_run=True, num_images=4)
+    phases = {phase["phase"]: phase for phase in result["phases"]}
+    assert list(phases) == ["token probing", "class images", "photo encoding", "training", "previews", "saving"]
+    report = memory_model.phase_markdown([{**result, "setting": "6GB+te"}])
+    for name, phase in phases.items():
+        assert memory_model.estimated_reserved(phase["peak"]) <= 5.3 * GIB, f"{name} is over budget:\n{report}"
+    assert result["left_on_device"] == 0
+
+
 # --- SDXL at 1024 px: the 12 GB preset on a 12 GB card (the UNet trained) and on a 16 GB card (both text encoders) ---
 # The same whole run on a full-size SDXL (2.57 B-parameter UNet), in ShapesOnly: tensors with sizes and no data, so
 # that it takes minutes and little RAM where real tensors would take hours and more RAM than CI has; it counts what

@@ -50,8 +50,8 @@ def test_the_smaller_the_preset_the_leaner_its_levers():
     assert lean_levers("8 GB") > lean_levers("12 GB") > lean_levers("24 GB+")
 
 
-@pytest.mark.parametrize("card_gib, preset", [(5.8, "8 GB"), (7.6, "8 GB"), (10.9, "8 GB"), (11.7, "12 GB"),
-                                               (15.7, "12 GB"), (23.6, "24 GB+"), (79.1, "24 GB+")])
+@pytest.mark.parametrize("card_gib, preset", [(3.8, "6 GB"), (5.8, "6 GB"), (7.6, "8 GB"), (10.9, "8 GB"),
+                                               (11.7, "12 GB"), (15.7, "12 GB"), (23.6, "24 GB+"), (79.1, "24 GB+")])
 def test_auto_picks_the_preset_for_the_cards_memory(card_gib, preset):
     assert preset_for_memory(int(card_gib * GIB)) == preset
     cfg = apply_preset(TrainConfig(**USER), "auto", has_bf16=True, total_memory=int(card_gib * GIB))
@@ -104,7 +104,8 @@ def test_a_gpu_has_bf16_only_when_native_not_emulated(monkeypatch):
 
 
 @pytest.mark.parametrize("preset, advice", [("custom", "Choose memory_preset '8 GB'"),
-                                            ("8 GB", "already the leanest memory preset")])
+                                            ("8 GB", "already the leanest memory preset"),
+                                            ("6 GB", "already the leanest memory preset")])
 def test_out_of_memory_names_the_preset_to_choose(images, tmp_path, preset, advice):
     bundle = tiny_bundle("sd1")
 

@@ -64,7 +64,7 @@ class TrainConfig:
 
     # Memory and speed
     device: str = _setting("auto", "cuda, cpu, or auto (the GPU when there is one).")
-    memory_preset: str = _setting("custom", "'8 GB', '12 GB' or '24 GB+': set the levers below (precision, optimizer, checkpointing, fused_backward, bf16_weights) for a card of that size, overriding them; 'auto' picks by the GPU's memory; 'custom' uses them as given. See the README's table of what each sets and measures.")
+    memory_preset: str = _setting("custom", "'6 GB', '8 GB', '12 GB' or '24 GB+': set the levers below (precision, optimizer, checkpointing, fused_backward, bf16_weights) for a card of that size, overriding them; 'auto' picks by the GPU's memory; 'custom' uses them as given. See the README's table of what each sets and measures.")
     mixed_precision: str = _setting("auto", "no, fp16 or bf16; auto = bf16 where the GPU supports it, else fp16; no on CPU.")
     attention: str = _setting("auto", "auto or sdpa (PyTorch's memory-efficient attention), or xformers if installed.")
     gradient_checkpointing: bool = _setting(False, "Recompute activations in the backward pass: much less memory, about 20% slower.")

@@ -511,7 +511,7 @@ def _optimizer_step(loss, params, optimizer, lr_scheduler, scaler, max_grad_norm
 
 
 def _training_advice(cfg, state_dir: Path) -> str:
-    if cfg.memory_preset == "8 GB":
+    if cfg.memory_preset in ("6 GB", "8 GB"):
         advice = "This is already the leanest memory preset: lower the resolution or batch size"
     else:
         advice = ("Choose memory_preset '8 GB' (about 4 GiB for SD 1.5's UNet at 512 px), or with 'custom' turn "

@@ -2,8 +2,8 @@
 
 Each preset is the fastest bundle that fits a card of its size. bf16_weights needs bf16 compute (NVIDIA Ampere, RTX
 30xx, and newer), and fused_backward cannot work with fp16's loss scaling. So on GPUs without native bf16 (GTX 10xx,
-RTX 20xx, T4, V100) each preset falls back to fp16 compute without either, except "8 GB", which computes in fp32 to
-keep fused_backward (without it, fp32 weights and all their gradients would not fit).
+RTX 20xx, T4, V100) each preset falls back to fp16 compute without either, except "6 GB" and "8 GB", which compute in
+fp32 to keep fused_backward (without it, fp32 weights and all their gradients would not fit).
 "auto" picks the preset from the card's memory; "custom" leaves the individual settings as given.
 
 The levers depend on the model family where its size demands it: SDXL's UNet has 2.6 B parameters (SD 1.5's 0.86 B),
@@ -22,11 +22,17 @@ _FAST = dict(gradient_checkpointing=False, optimizer="adamw", fused_backward=Fal
 
 # name -> (levers on a GPU with bf16, levers on one without). The text encoder's training and the attention kernel
 # (SDPA and xformers are both memory-efficient) stay the user's choice.
+# The weights in bf16, stepped tensor by tensor in the backward pass: 2 bytes a parameter for the weight and 2 for the
+# 8-bit moments, and no whole-model gradients (one tensor's at a time). With bf16, SD 1.5's whole run with the text
+# encoder trained peaks at 4.50 GiB allocated, 5.05 reserved by estimate (its training step; bench/memory_model.py
+# --whole-run --gpu-memory 5.8): it fits a 6 GB card's 5.3 as it is, so "6 GB" is these levers too. (Adafactor, the
+# lever that makes SDXL small, does not help here: its factored moments of SD 1.5's convolution weights are 2/3 of
+# their size in fp32, 1.99 GiB of state against 8-bit AdamW's 1.83.)
+_SMALLEST = (dict(_LEAN, mixed_precision="bf16", fused_backward=True, bf16_weights=True),
+             dict(_LEAN, mixed_precision="no", fused_backward=True, bf16_weights=False))
 PRESETS: dict[str, tuple[dict, dict]] = {
-    # The weights in bf16, stepped tensor by tensor in the backward pass: 2 bytes a parameter for the weight and 2 for
-    # the 8-bit moments, and no whole-model gradients (one tensor's at a time).
-    "8 GB": (dict(_LEAN, mixed_precision="bf16", fused_backward=True, bf16_weights=True),
-             dict(_LEAN, mixed_precision="no", fused_backward=True, bf16_weights=False)),
+    "6 GB": _SMALLEST,  # with bf16 (RTX 30xx laptops and newer); without, nothing of SD 1.5's full fine-tune fits
+    "8 GB": _SMALLEST,
     # fp32 weights (no rounding of small updates at all), still fused and checkpointed.
     "12 GB": (dict(_LEAN, mixed_precision="bf16", fused_backward=True, bf16_weights=False),
               dict(_LEAN, mixed_precision="fp16", fused_backward=False, bf16_weights=False)),
@@ -43,12 +49,14 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 # fused) the fp32 weights do not fit 12 GB: the leanest there is on such cards.
 _XL_LEAN = dict(gradient_checkpointing=True, optimizer="adafactor", fused_backward=True)
 _XL_FAST = dict(gradient_checkpointing=True, optimizer="adamw8bit", fused_backward=True, bf16_weights=False)
+_XL_SMALLEST = (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
+                dict(_XL_LEAN, mixed_precision="no", bf16_weights=False))
 XL_PRESETS: dict[str, tuple[dict, dict]] = {
-    # SDXL has no 8 GB preset of its own (its bf16 weights are 6.3 GiB, class images take 9.6): "8 GB" means the leanest, as "12 GB".
-    "8 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
-             dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
-    "12 GB": (dict(_XL_LEAN, mixed_precision="bf16", bf16_weights=True),
-              dict(_XL_LEAN, mixed_precision="no", bf16_weights=False)),
+    # SDXL has no 6 or 8 GB preset of its own (its bf16 weights are 6.3 GiB, class images take 9.6): they mean the
+    # leanest, as "12 GB".
+    "6 GB": _XL_SMALLEST,
+    "8 GB": _XL_SMALLEST,
+    "12 GB": _XL_SMALLEST,
     "24 GB+": (dict(_XL_FAST, mixed_precision="bf16"), dict(_XL_FAST, mixed_precision="no")),
 }
 # With both text encoders trained (3.4 B parameters), fp32 weights and 8-bit AdamW are 20.9 GiB at the step's peak (est.
@@ -67,7 +75,9 @@ def preset_for_memory(total_bytes: int) -> str:
     """The preset "auto" picks for a card with this much memory (an "8 GB" card reports a little under 8 GiB)."""
     if total_bytes >= 20 * GIB:
         return "24 GB+"
-    return "12 GB" if total_bytes >= 11 * GIB else "8 GB"
+    if total_bytes >= 11 * GIB:
+        return "12 GB"
+    return "8 GB" if total_bytes >= 7 * GIB else "6 GB"
 
 
 def presets_for(family: str | None, train_text_encoder: bool = False) -> dict[str, tuple[dict, dict]]:
