@@ -1,7 +1,7 @@
 """The example workflow in a real ComfyUI, with the process's GPU memory capped as on a smaller card: each node's peak
 and each phase of the pack's run, allocated and reserved, against the card's budget.
 
-    python bench/comfyui_bench.py --comfyui PATH/TO/ComfyUI [--caps 7.6 11.6] [--steps 40] [--class-images 200]
+    python bench/comfyui_bench.py --comfyui PATH/TO/ComfyUI [--caps 5.8 7.6 11.6] [--steps 40] [--class-images 200]
 
 For each cap a fresh ComfyUI is started (its Python: --python, default the checkout's .venv) on a throw-away base
 directory holding this pack, a full-size SD 1.5 of random weights (speed and memory do not depend on the values) and
@@ -9,8 +9,8 @@ directory holding this pack, a full-size SD 1.5 of random weights (speed and mem
 (torch.cuda.set_per_process_memory_fraction; ComfyUI's own planning is told the rest is reserved) and prints each
 node's peak. example_workflows/dreambooth_personalize.json is queued as the editor queues it: Pick Rare Token, Generate
 Class Priors (--class-images at --size px, 30 steps), DreamBooth Train (the text encoder trained, the preset for the
-cap: 8 GB under 11 GiB, else 12 GB; previews at the end), Load Subject Model, KSampler and decoding at --size px.
-Budgets, reserved: 7.0 GiB for 7.6 (an 8 GB card), 10.5 for 11.6 (a 12 GB card), issue 10's.
+cap: 6 GB under 7 GiB, 8 GB under 11, else 12 GB; previews at the end), Load Subject Model, KSampler and decoding at
+--size px. Budgets, reserved: 5.3 GiB for 5.8 (a 6 GB card), 7.0 for 7.6 (8 GB), 10.5 for 11.6 (12 GB), issue 10's.
 
 --small runs example_workflows/dreambooth_toy.json as shipped instead (the toy model, 40 s on a CPU): the wiring,
 where there is no GPU. Without CUDA ComfyUI runs with --cpu and no memory is measured.
@@ -34,24 +34,21 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.comfyui import ComfyUI, api_prompt, execution_errors, pack_home  # noqa: E402 (after the path above)
-from bench.dreambooth_bench import WHOLE_RUN_PHASE  # noqa: E402
+from bench.dreambooth_bench import WHOLE_RUN_PHASE, card_budget, preset_for_cap  # noqa: E402
 from bench.models import random_bundle  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
+from trainer.presets import PRESET_NAMES, short_name  # noqa: E402
 
 PROBE = REPO_ROOT / "bench" / "comfyui_probe"
 WORKFLOW = REPO_ROOT / "example_workflows" / "dreambooth_personalize.json"
 TOY_WORKFLOW = REPO_ROOT / "example_workflows" / "dreambooth_toy.json"
 BASE_MODEL = "sd15-random.safetensors"
-BUDGETS = {7.6: 7.0, 11.6: 10.5}  # cap GiB -> reserved GiB the card leaves for one process (issue 10)
 NODE_LINE = re.compile(r"\[bench\] node (\S+) (\S+): ([\d.]+) s(?:, peak ([\d.]+) GiB allocated / ([\d.]+) GiB reserved)?")
 
 
-def preset_for(cap: float) -> str:
-    return "8 GB" if cap < 11 else "12 GB" if cap < 20 else "24 GB+"
-
-
-def budget_for(cap: float) -> float:
-    return next((budget for card, budget in BUDGETS.items() if abs(card - cap) < 0.5), cap)
+def node_preset(cap: float) -> str:
+    """The Train node's memory_preset for a card that reports `cap` GiB (its own spelling, e.g. "8 GB")."""
+    return {short_name(name): name for name in PRESET_NAMES}[preset_for_cap(cap)]
 
 
 def personalize_prompt(object_info: dict, photos: Path, cap: float, args) -> dict:
@@ -63,7 +60,7 @@ def personalize_prompt(object_info: dict, photos: Path, cap: float, args) -> dic
             inputs["ckpt_name"] = BASE_MODEL
     by_type["DBStudioGenerateClassPriors"].update(count=args.class_images, size=args.size, steps=30)
     by_type["DBStudioTrain"].update(instance_folder=str(photos), steps=args.steps, resolution=args.size,
-                                    train_text_encoder=True, memory_preset=preset_for(cap), output_name="bench-dog",
+                                    train_text_encoder=True, memory_preset=node_preset(cap), output_name="bench-dog",
                                     overwrite=True)
     by_type["EmptyLatentImage"].update(width=args.size, height=args.size, batch_size=1)
     return prompt
@@ -95,7 +92,7 @@ def run_capped(args, cap: float, work: Path) -> dict:
         log = server.log()
     finally:
         server.stop()
-    return {"cap_gib": cap, "budget_gib": budget_for(cap), "cpu": cpu, "seconds": seconds,
+    return {"cap_gib": cap, "budget_gib": card_budget(cap), "cpu": cpu, "seconds": seconds,
             "status": entry["status"]["status_str"], "errors": execution_errors(entry),
             "nodes": read_log(log, {key: node["class_type"] for key, node in prompt.items()}),
             "workflow": TOY_WORKFLOW.name if args.small else WORKFLOW.name}
@@ -148,7 +145,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout (its main.py)")
     parser.add_argument("--python", help="ComfyUI's Python (default: the checkout's .venv/bin/python)")
-    parser.add_argument("--caps", type=float, nargs="+", default=[7.6, 11.6], help="GiB; one run each")
+    parser.add_argument("--caps", type=float, nargs="+", default=[5.8, 7.6, 11.6], help="GiB; one run each")
     parser.add_argument("--steps", type=int, default=40, help="training steps")
     parser.add_argument("--class-images", type=int, default=200)
     parser.add_argument("--size", type=int, default=512, help="px: class images, training and the KSampler's image")

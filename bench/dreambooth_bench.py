@@ -95,7 +95,19 @@ DEFAULT_CPU_MATRIX = ("fp32", "bf16", "fp32+gc", "fp32+te")  # no 8-bit AdamW or
 DEFAULT_SDXL_MATRIX = ("ref_best", "12GB", "12GB+te", "24GB")
 # --cap-presets: a preset's run is capped at what its card leaves (torch.cuda.set_per_process_memory_fraction).
 # For SDXL, "12GB+te" is the 16 GB card's run: the issue holds the text encoders' training to a 16 GB card.
-PRESET_CAPS = {"8GB": 7.6, "12GB": 11.6, "24GB": 23.6}
+PRESET_CAPS = {"6GB": 5.8, "8GB": 7.6, "12GB": 11.6, "24GB": 23.6}
+CARD_BUDGETS = {6: 5.3, 8: 7.0, 12: 10.5}  # GiB reserved a 6 / 8 / 12 GB card leaves for one process (issue 10)
+SDXL_CARD_BUDGETS = {12: 11.0, 16: 15.0}  # issue 12's budgets for SDXL on 12 and 16 GB cards
+
+
+def preset_for_cap(cap: float) -> str:
+    """The memory preset for a card that reports `cap` GiB (as typed on a command line)."""
+    return "6GB" if cap < 7 else "8GB" if cap < 11 else "12GB" if cap < 20 else "24GB"
+
+
+def card_budget(cap: float, budgets: dict[int, float] = CARD_BUDGETS) -> float:
+    """The reserved GiB a card that reports `cap` GiB leaves for one process (the cap itself for other sizes)."""
+    return next((budget for card, budget in budgets.items() if abs(cap - card) < 1), cap)
 SDXL_TE_CAP = 15.6
 
 
@@ -442,7 +454,7 @@ def run_whole(plan: Plan, family: str, cap: float, images: Images, models: Model
     """The command line as a user runs it (pick-token, train with class images generated, the text encoder trained
     and a preview, sample), each command in a process whose GPU memory is capped at `cap` GiB, with the memory
     preset for a card of that size; each phase's peak as the engine logs it."""
-    preset = "8GB" if cap < 11 else "12GB" if cap < 20 else "24GB"
+    preset = preset_for_cap(cap)
     # SDXL: the text encoders are trained on the 16 GB card's run (the issue's budget for them), not on 12 GB's
     text_encoder = ["--train-text-encoder"] if family != "sdxl" or cap >= SDXL_TE_CAP - 0.5 else []
     run_dir = plan.work_dir / "runs" / family / f"whole-{cap:g}GiB"
@@ -587,13 +599,10 @@ def class_images_table(rows: list[Row]) -> str:
 
 
 def whole_run_table(runs: list[dict]) -> str:
-    budget = {8: 7.0, 12: 10.5}  # GiB reserved an 8 / 12 GB card leaves for one process (issue 10)
-    sdxl_budget = {12: 11.0, 16: 15.0}  # issue 12's budgets for SDXL on 12 and 16 GB cards
     lines = ["| model | cap GiB | preset | command | phase | s | alloc GiB | reserved GiB | within budget |",
              "|---|---:|---|---|---|---:|---:|---:|---|"]
     for run in runs:
-        budgets = sdxl_budget if run["family"] == "sdxl" else budget
-        limit = next((v for k, v in budgets.items() if abs(run["cap_gib"] - k) < 1), run["cap_gib"])
+        limit = card_budget(run["cap_gib"], SDXL_CARD_BUDGETS if run["family"] == "sdxl" else CARD_BUDGETS)
         preset = run["preset"] + ("+te" if run["family"] == "sdxl" and run.get("text_encoder") else "")
         for phase in run["phases"]:
             reserved = phase["reserved_gib"]
@@ -715,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time generating N class images, ours vs StableDiffusionPipeline (e.g. 16)")
     parser.add_argument("--whole-run", nargs="*", type=float, metavar="GIB",
                         help="also run the command line's whole run (pick-token, train, sample) with each process's "
-                             "GPU memory capped at these GiB (default 7.6 11.6: 8 and 12 GB cards)")
+                             "GPU memory capped at these GiB (default 5.8 7.6 11.6: 6, 8 and 12 GB cards)")
     parser.add_argument("--reference-script", default=DEFAULT_REFERENCE_SCRIPT,
                         help="copy of diffusers' examples/dreambooth/train_dreambooth.py (never commit it; "
                              "default $DREAMBOOTH_REFERENCE_SCRIPT)")
@@ -736,7 +745,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 1 <= args.warmup < args.steps:
         parser.error(f"need 1 <= --warmup < --steps (got --warmup {args.warmup}, --steps {args.steps})")
     if args.whole_run == []:
-        args.whole_run = [11.6, SDXL_TE_CAP] if args.family == "sdxl" else [7.6, 11.6]
+        args.whole_run = [11.6, SDXL_TE_CAP] if args.family == "sdxl" else [5.8, 7.6, 11.6]
     if not args.no_reference:
         if not args.reference_script or not Path(args.reference_script).is_file():
             parser.error(f"--reference-script {args.reference_script!r} is not a file; give diffusers' "

@@ -228,9 +228,10 @@ def test_the_comfyui_benchmark_gives_each_node_the_phases_it_logged_and_finds_wh
     assert [[phase["phase"] for phase in node["phases"]] for node in nodes] == [
         ["token probing"], ["class images"], ["photo encoding", "training"], []]
     assert nodes[2]["phases"][1]["reserved_gib"] == 7.33 and nodes[3]["allocated_gib"] == 2.10
-    run = {"cap_gib": 7.6, "budget_gib": comfyui_bench.budget_for(7.6), "nodes": nodes}
+    run = {"cap_gib": 7.6, "budget_gib": bench.card_budget(7.6), "nodes": nodes}
     assert comfyui_bench.over_budget([run]) == ["DBStudioTrain at 7.6 GiB", "DBStudioTrain/training at 7.6 GiB"]
-    assert comfyui_bench.over_budget([{**run, "budget_gib": comfyui_bench.budget_for(11.6)}]) == []
+    assert comfyui_bench.over_budget([{**run, "budget_gib": bench.card_budget(11.6)}]) == []
+    assert [comfyui_bench.node_preset(cap) for cap in (5.8, 7.6, 11.6)] == ["6 GB", "8 GB", "12 GB"]
     # on a CPU nothing is measured, and nothing is over
     cpu = comfyui_bench.read_log("[DreamBooth] Phase training: 82.6 s\n[bench] node 4 DBStudioTrain: 84.8 s", {})
     assert cpu == [{"node": "DBStudioTrain", "id": "4", "seconds": 84.8, "allocated_gib": None, "reserved_gib": None,
