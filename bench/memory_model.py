@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -681,6 +682,7 @@ def measure(bundle, config: dict, steps: int = 2, resolution: int | None = None,
         loop.to_host, loop._save_output = to_host, save_output
         for handle in handles:
             handle.remove()
+        shutil.rmtree(workdir, ignore_errors=True)  # (the output and class images: 2 GB at full size)
     records = [record for record in records if "step" in record]  # (none but rank 0's: the others keep quiet)
     return {"config": config, "resolution": cfg.resolution, "cuda_like": cuda_like,
             "autocast_cache": autocast_cache, "gpu_memory": gpu_memory, "trained_params": trained_params,

@@ -2,6 +2,7 @@
 run of our loop on a tiny model puts the bytes in the right categories."""
 import contextlib
 import json
+import tempfile
 
 import pytest
 import torch
@@ -81,11 +82,13 @@ def test_an_adamw_step_adds_twice_the_parameter_bytes_of_state():
         assert tracker.live == 2 * param_bytes
 
 
-def test_a_tiny_run_of_our_loop_counts_weights_state_and_grads_exactly():
+def test_a_tiny_run_of_our_loop_counts_weights_state_and_grads_exactly(tmp_path, monkeypatch):
     from bench.models import random_bundle
     bundle = random_bundle("sd1", small=True)
     param_bytes = sum(p.numel() * 4 for p in bundle.unet.parameters())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = memory_model.measure(bundle, {"mixed_precision": "no", "optimizer": "adamw"}, steps=2, resolution=64)
+    assert list(tmp_path.iterdir()) == []  # its working folder (the output, class images: 2 GB at full size) is gone
     first, second = result["steps"]
     assert first["start_breakdown"]["weights"] == param_bytes
     assert second["start_breakdown"]["optimizer state"] == 2 * param_bytes
