@@ -96,6 +96,7 @@ DEFAULT_SDXL_MATRIX = ("ref_best", "12GB", "12GB+te", "24GB")
 # --cap-presets: a preset's run is capped at what its card leaves (torch.cuda.set_per_process_memory_fraction).
 # For SDXL, "12GB+te" is the 16 GB card's run: the issue holds the text encoders' training to a 16 GB card.
 PRESET_CAPS = {"6GB": 5.8, "8GB": 7.6, "12GB": 11.6, "24GB": 23.6}
+SDXL_TE_CAP = 15.6
 CARD_BUDGETS = {6: 5.3, 8: 7.0, 12: 10.5}  # GiB reserved a 6 / 8 / 12 GB card leaves for one process (issue 10)
 SDXL_CARD_BUDGETS = {12: 11.0, 16: 15.0}  # issue 12's budgets for SDXL on 12 and 16 GB cards
 
@@ -108,7 +109,6 @@ def preset_for_cap(cap: float) -> str:
 def card_budget(cap: float, budgets: dict[int, float] = CARD_BUDGETS) -> float:
     """The reserved GiB a card that reports `cap` GiB leaves for one process (the cap itself for other sizes)."""
     return next((budget for card, budget in budgets.items() if abs(cap - card) < 1), cap)
-SDXL_TE_CAP = 15.6
 
 
 @dataclass(frozen=True)

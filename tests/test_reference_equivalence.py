@@ -114,6 +114,18 @@ def compare(ours: dict, reference: dict, initial: dict) -> dict:
 
 
 @torch.no_grad()
+def print_comparison(title: str, latent_diff: float, ours_losses: list[float], reference_losses: list[float],
+                     modules: dict[str, dict]) -> None:
+    """What a case found, for `pytest -s`: the posteriors', each step's loss and each module's (compare()'s)."""
+    print(f"\n[{title}, {torch.get_num_threads()} threads] {STEPS} steps, lr {LEARNING_RATE}, posteriors max "
+          f"|ours - ref| {latent_diff:.2e}")
+    for step, (a, b) in enumerate(zip(ours_losses, reference_losses), 1):
+        print(f"  step {step}: loss ours {a:.9f} reference {b:.9f} diff {abs(a - b):.2e}")
+    for name, c in modules.items():
+        print(f"  {name}: max |ours - ref| {c['max_diff']:.2e} ({c['worst'] or '-'}), {c['unequal']} elements "
+              f"unequal; max movement from init {c['moved']:.2e}")
+
+
 def posterior_difference(bundle, run, instance: Path, classes: Path) -> float:
     """Max |difference| between the posteriors (mean, std) the reference sampled each step and ours, computed as
     train() does, one image at a time: checks our image loading, ordering, pairing, to_training_tensor and cache."""
@@ -173,14 +185,8 @@ def test_weights_match_the_reference_script(images, family, prediction_type, tra
     unet = compare(state(bundle.unet), run.unet_state(), initial_unet)
     text = compare(state(bundle.text_encoder), run.text_encoder_state(), initial_text)
 
-    print(f"\n[{family} {prediction_type} {'te_trained' if train_text_encoder else 'te_frozen'}, "
-          f"{torch.get_num_threads()} threads] {STEPS} steps, lr {LEARNING_RATE}, posteriors max |ours - ref| "
-          f"{latent_diff:.2e}")
-    for step, (a, b) in enumerate(zip(result.losses, run.losses), 1):
-        print(f"  step {step}: loss ours {a:.9f} reference {b:.9f} diff {abs(a - b):.2e}")
-    for name, c in (("unet", unet), ("text encoder", text)):
-        print(f"  {name}: max |ours - ref| {c['max_diff']:.2e} ({c['worst'] or '-'}), {c['unequal']} elements "
-              f"unequal; max movement from init {c['moved']:.2e}")
+    print_comparison(f"{family} {prediction_type} {'te_trained' if train_text_encoder else 'te_frozen'}", latent_diff,
+                     result.losses, run.losses, {"unet": unet, "text encoder": text})
 
     # Same randomness, consumed in the same order, all of it.
     assert replay.calls == run.draw_sequence(), "train() asked for draws in another order than the reference made"
@@ -257,13 +263,8 @@ def test_sdxl_weights_match_the_reference_script(images, tmp_path):
     result = train(cfg, bundle=bundle, randomness=replay)
     unet = compare(state(bundle.unet), run.unet_state(), initial_unet)
 
-    print(f"\n[sdxl epsilon, UNet only, no prior, {torch.get_num_threads()} threads, datasets "
-          f"{run.of_kind('datasets')[0]['version']}] {STEPS} steps, lr {LEARNING_RATE}, posteriors max |ours - ref| "
-          f"{latent_diff:.2e}")
-    for step, (a, b) in enumerate(zip(result.losses, run.losses), 1):
-        print(f"  step {step}: loss ours {a:.9f} reference {b:.9f} diff {abs(a - b):.2e}")
-    print(f"  unet: max |ours - ref| {unet['max_diff']:.2e} ({unet['worst'] or '-'}), {unet['unequal']} elements "
-          f"unequal; max movement from init {unet['moved']:.2e}")
+    print_comparison(f"sdxl epsilon, UNet only, no prior, datasets {run.of_kind('datasets')[0]['version']}",
+                     latent_diff, result.losses, run.losses, {"unet": unet})
 
     # The script drew its epoch orders, noise and timesteps in the loop (its latents before it); train() asked for the
     # same, in the same order, plus the latent draw of each step, and used all of them.

@@ -86,6 +86,12 @@ def rounding_seed(seed: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + 0x6A09E667F3BCC909) % (1 << 63)
 
 
+def clip_coefficient(norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """What gradients of this norm are scaled by to clip them to max_grad_norm, at most 1: torch's
+    clip_grad_norm_ formula (elementwise, for a tensor of norms)."""
+    return (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
 def mixed_seed(*values: int) -> int:
     """A generator seed (63 bits) from several integers, each stirred in with splitmix64's steps: nearby inputs
     (tensor 3's round 7, tensor 4's round 7) give unrelated seeds."""
@@ -190,7 +196,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         if not self.max_grad_norm or not grads:
             return None
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        return (self.max_grad_norm / (torch.linalg.vector_norm(norms) + 1e-6)).clamp(max=1.0)
+        return clip_coefficient(torch.linalg.vector_norm(norms), self.max_grad_norm)
 
     def step(self, closure=None):
         """Clip over all gradients, then step each tensor (FusedBackward: nothing left to do)."""

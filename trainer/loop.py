@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -201,6 +202,8 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
                                shards.windows if shards else None)
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    # fused_backward, sharded: backward() steps each shard as FSDP hands over its gradient
+    in_backward = functools.partial(shards.stepping_in_backward, optimizer, cfg.max_grad_norm) if shards else None
 
     position, losses, evaluated = _resume(cfg, state_dir, provenance, modules, optimizer, lr_scheduler, randomness,
                                           scaler, callbacks, processes, shards)
@@ -269,11 +272,9 @@ def _fine_tune(cfg, bundle, modules, callbacks, randomness, phase, precision, la
             target = prediction_target(bundle.noise_scheduler, model_input, noise, timesteps)
             loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(items), cfg.prior_loss_weight)
             backward_loss, sync = loss, lambda: processes.average_gradients(params, local_n, global_n)
-            in_backward = None
             if shards:  # FSDP averages the gradients itself; the weight makes that the global batch's
                 backward_loss = loss * shards.loss_weight(local_n, global_n)
                 sync = lambda: shards.take_gradients(cfg.max_grad_norm)  # noqa: E731
-                in_backward = lambda: shards.stepping_in_backward(optimizer, cfg.max_grad_norm)  # noqa: E731
             _optimizer_step(backward_loss, params, optimizer, lr_scheduler, scaler, max_grad_norm, sync=sync,
                             in_backward=in_backward)
 

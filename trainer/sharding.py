@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import state as state_io
 from .config import ConfigError
+from .fused import clip_coefficient
 
 # The blocks gathered one at a time: each holds a small share of the weights, so the full weights of one block (and
 # the next one, fetched ahead) are all a process holds beyond its shards. A transformer block alone, not the whole
@@ -124,7 +125,7 @@ class Shards:
         for grad in grads:
             squares += grad.float().pow(2).sum().to(squares.device)
         dist.all_reduce(squares)
-        clip = (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        clip = clip_coefficient(squares.sqrt(), max_grad_norm)
         for grad in grads:
             grad.mul_(clip.to(grad.device))
 
@@ -148,7 +149,7 @@ class Shards:
                 squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).pow(2)
                 squares = squares.to(self.processes.collective_device())
                 dist.all_reduce(squares)
-                coefs = (max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].device).unbind()
+                coefs = clip_coefficient(squares.sqrt(), max_grad_norm).to(grads[0].device).unbind()
             for i, coef in zip(pending, coefs):
                 optimizer.step_tensor(i, coef)
                 self.local[i].grad = None
