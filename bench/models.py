@@ -102,16 +102,34 @@ def model_configs(family: str, small: bool) -> ModelConfigs:
                         tiny_text_config_2() if family == "sdxl" else None)
 
 
-def random_bundle(family: str, small: bool, seed: int = 0, dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """A model of the family's shapes with random weights, made in seconds at full size (the values change neither
-    memory nor speed): built on the meta device, then each weight drawn from N(0, 1/fan-in), as an initialiser would,
-    so activations and the loss stay finite; norms 1, biases 0. `dtype`: the weights' type from the start (a
-    full-size SDXL takes 14 GB in fp32, 7 in fp16)."""
-    configs = model_configs(family, small)
+def slim_configs(family: str) -> ModelConfigs:
+    """SD 1.x / 2.x with every tensor of the full model (686 in SD 1.5's UNet, 196 in its text encoder) at a fortieth
+    of its width: what a step launches and syncs is the full model's, its arithmetic next to nothing
+    (bench/step_profile.py). The widths keep their ratios (320, 640, 1280 -> 8, 16, 32), so the same blocks change
+    width and have shortcut convolutions."""
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"slim configs: SD 1.x / 2.x only, not {family!r}")
+    full = shipped_configs(family)
+    narrow = dict(norm_num_groups=8)
+    unet = dict(full.unet, block_out_channels=[width // 40 for width in full.unet["block_out_channels"]],
+                cross_attention_dim=32, attention_head_dim=8, **narrow)
+    text = dict(full.text, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32)
+    vae = dict(full.vae, block_out_channels=[width // 16 for width in full.vae["block_out_channels"]], **narrow)
+    return ModelConfigs(unet, vae, text, None)
+
+
+def random_bundle(family: str, small: bool, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  configs: ModelConfigs | None = None) -> ModelBundle:
+    """A model of the family's shapes (or of `configs`) with random weights, made in seconds at full size (the values
+    change neither memory nor speed): built on the meta device, then each weight drawn from N(0, 1/fan-in), as an
+    initialiser would, so activations and the loss stay finite; norms 1, biases 0. `dtype`: the weights' type from
+    the start (a full-size SDXL takes 14 GB in fp32, 7 in fp16)."""
+    size = "custom" if configs else "small" if small else "full"
+    configs = configs or model_configs(family, small)
     with torch.device("meta"):
         bundle = build_bundle(family, PREDICTION_TYPES[family], configs.unet, configs.vae, configs.text,
                               source_name=f"random-{family}",
-                              source_hash=f"random-{family}-{'small' if small else 'full'}-seed{seed}",
+                              source_hash=f"random-{family}-{size}-seed{seed}",
                               text_config_2=configs.text_2)
     bundle.noise_scheduler = make_noise_scheduler(PREDICTION_TYPES[family])  # its tables, not on meta
     generator = torch.Generator().manual_seed(seed)

@@ -1,5 +1,6 @@
 """A run's phases: what each puts on the device comes back untouched, out-of-memory becomes an answer naming the phase,
 the hosts' calls keep nothing alive, and the training step waits for the device once."""
+import collections
 import gc
 import weakref
 
@@ -12,6 +13,7 @@ import bitsandbytes.optim.optimizer as bnb_optimizer
 import trainer.api
 import trainer.loop
 import trainer.priors
+from bench.step_profile import Counter as StepCounter
 from tests.tiny import one_thread, tiny_bundle  # noqa: F401  (autouse: one torch thread in this module)
 from trainer import phases
 from trainer.callbacks import Callbacks
@@ -279,36 +281,22 @@ def test_the_hosts_sdxl_calls_keep_no_model_alive(tmp_path, monkeypatch, call):
 
 
 @pytest.mark.parametrize("preset", ["8 GB", "custom"])
-def test_a_training_step_waits_for_the_device_once(tmp_path, monkeypatch, preset):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ScalarReads(TorchDispatchMode):  # .item(), float(t), bool(t): each a wait for the GPU there
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                ScalarReads.count += 1
-            return func(*args, **(kwargs or {}))
-
-    bnb_waits, transfers = [], []
-    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda tensor: bnb_waits.append(tensor))
-    to_host = trainer.loop.to_host
-    monkeypatch.setattr(trainer.loop, "to_host", lambda *values: transfers.append(1) or to_host(*values))
-    per_step = []
+def test_a_training_step_waits_for_the_device_once(tmp_path, preset):
+    counter, per_step = StepCounter(), []  # counts .item(), .tolist(), bitsandbytes' waits, ... (bench/step_profile.py)
 
     class Count(Callbacks):
-        def should_stop(self):
-            ScalarReads.count, bnb_waits[:], transfers[:] = 0, [], []
+        def should_stop(self):  # asked as each step starts
+            self.before = counter.snapshot()[1]
             return False
 
         def on_step(self, info):
-            per_step.append((ScalarReads.count, len(bnb_waits), len(transfers)))
+            per_step.append(counter.snapshot()[1] - self.before)
 
     cfg = run_config(tmp_path, memory_preset=preset, optimizer="adamw8bit", mixed_precision="no", sample_prompts=[],
                      with_prior_preservation=False, max_train_steps=3)
-    with ScalarReads():
+    with counter:
         trainer.loop.train(cfg, bundle=tiny_bundle("sd1"), callbacks=Count())
-    assert per_step == [(0, 0, 1)] * 3
+    assert per_step == [collections.Counter({".tolist()": 1})] * 3  # the step's losses, in one transfer
 
 
 def test_the_8bit_step_without_waits_learns_exactly_what_bitsandbytes_own_step_does(monkeypatch):

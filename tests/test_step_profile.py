@@ -1,0 +1,49 @@
+"""bench/step_profile.py: its counter counts what a GPU would launch and wait for, its slim model has every tensor of
+the full one, and bitsandbytes' wait after every tensor stays out of the step."""
+import collections
+
+import pytest
+import torch
+
+import trainer.optim
+from bench import step_profile
+from bench.models import random_bundle, slim_configs
+from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+from trainer.models import build_bundle, shipped_configs
+
+
+def test_the_counter_counts_launches_and_waits_not_views():
+    x = torch.arange(6.0)
+    with step_profile.Counter() as counter:
+        y = x.view(2, 3).t()  # views: no kernel
+        z = y + 1
+        z.sum().item()
+        (z > 3).nonzero()  # its size depends on the values: the host waits to know it
+        z.tolist()
+    assert counter.kernels == collections.Counter({"add": 1, "sum": 1, "gt": 1})
+    assert counter.syncs == collections.Counter({".item()": 1, "data-dependent nonzero": 1, ".tolist()": 1})
+    z.tolist()  # counted only while inside
+    assert counter.syncs[".tolist()"] == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_the_slim_model_has_every_tensor_of_the_full_one(family):
+    full = shipped_configs(family)
+    with torch.device("meta"):
+        real = build_bundle(family, "epsilon", full.unet, full.vae, full.text, source_name="full", source_hash="full")
+    slim = random_bundle(family, small=True, configs=slim_configs(family))
+    for name in ("unet", "text_encoder", "vae"):
+        full_shapes = {key: tensor.dim() for key, tensor in getattr(real, name).named_parameters()}
+        slim_shapes = {key: tensor.dim() for key, tensor in getattr(slim, name).named_parameters()}
+        assert slim_shapes == full_shapes, name
+    assert sum(p.numel() for p in slim.unet.parameters()) < 1e6  # 860 M in SD 1.5's: nearly nothing to compute
+
+
+def test_the_profile_sees_bitsandbytes_wait_after_every_tensor_and_ours_does_not(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    trained = sum(1 for _ in random_bundle("sd1", small=True).unet.parameters())
+    ours = step_profile.run("12GB", steps=1, count=True, small=True)
+    assert ours["syncs"] == collections.Counter({".tolist()": 1})  # the step's losses, in one transfer
+    monkeypatch.setattr(trainer.optim, "_no_sync_class", lambda base: base)  # bitsandbytes' own AdamW8bit
+    theirs = step_profile.run("12GB", steps=1, count=True, small=True)
+    assert theirs["syncs"]["bitsandbytes sync_gpu"] == trained
