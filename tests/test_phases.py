@@ -20,6 +20,7 @@ from trainer.callbacks import Callbacks
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainConfig
 from trainer.device import GIB, emulating_gpu, inference_dtype, resolve_precision
+from trainer.fused import PerTensorOptimizer
 from trainer.optim import adamw8bit_without_syncs
 from trainer.phases import OutOfMemory, Phase, Watcher
 
@@ -306,10 +307,13 @@ def test_the_8bit_step_without_waits_learns_exactly_what_bitsandbytes_own_step_d
     monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda tensor: waits.append(tensor))
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
-              for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [bnb.optim.AdamW8bit(models[0].parameters(), lr=1e-3),
-                  adamw8bit_without_syncs()(models[1].parameters(), lr=1e-3)]
+              for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    ours = adamw8bit_without_syncs()
+    # The third steps each tensor with an optimizer of its own, through step_one (as fused_backward does).
+    optimizers = [bnb.optim.AdamW8bit(models[0].parameters(), lr=1e-3), ours(models[1].parameters(), lr=1e-3),
+                  PerTensorOptimizer(models[2].parameters(), lambda tensors: ours(tensors, lr=1e-3))]
     for step in range(5):
         inputs = torch.randn(8, 64)
         for model, optimizer in zip(models, optimizers):
@@ -318,8 +322,9 @@ def test_the_8bit_step_without_waits_learns_exactly_what_bitsandbytes_own_step_d
             optimizer.zero_grad()
         if step == 0:
             assert len(waits) == 4  # bitsandbytes' own step waited once per tensor; ours not at all
-    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
-    states = [[s for p, s in optimizer.state.items()] for optimizer in optimizers]
+    for model in models[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), model.state_dict().values()))
+    states = [[s for p, s in optimizer.state.items()] for optimizer in optimizers[:2]]
     assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
                for a, b in zip(*states))
     assert any(state["state1"].dtype == torch.uint8 for state in states[1])  # 8-bit moments: the 8-bit step ran

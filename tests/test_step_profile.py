@@ -1,5 +1,6 @@
 """bench/step_profile.py: its counter counts what a GPU would launch and wait for, its slim model has every tensor of
-the full one, and bitsandbytes' wait after every tensor stays out of the step."""
+the full one, and what it found stays true: the fused per-tensor step launches only the kernels it needs, and
+bitsandbytes' wait after every tensor stays out of the step."""
 import collections
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 
 import trainer.optim
 from bench import step_profile
+from bench.memory_model import cuda_defaults
 from bench.models import random_bundle, slim_configs
 from tests.tiny import one_thread  # noqa: F401  (autouse: one torch thread in this module)
+from trainer.fused import FusedBackward
 from trainer.models import build_bundle, shipped_configs
 
 
@@ -37,6 +40,29 @@ def test_the_slim_model_has_every_tensor_of_the_full_one(family):
         slim_shapes = {key: tensor.dim() for key, tensor in getattr(slim, name).named_parameters()}
         assert slim_shapes == full_shapes, name
     assert sum(p.numel() for p in slim.unet.parameters()) < 1e6  # 860 M in SD 1.5's: nearly nothing to compute
+
+
+@pytest.mark.parametrize("bf16_weights, most", [(False, 7), (True, 15)])
+def test_one_tensors_fused_step_launches_only_what_it_needs(bf16_weights, most):
+    """Counted as on a GPU (torch's multi-tensor paths on): clipping (its norm, 4 scalar ops, the scaling), the 8-bit
+    update, and with bf16 weights the two fp32 copies in and the rounding out (bits drawn, added, masked, copied,
+    NaN kept). torch's clip_grad_norm_ took 2 more (a multi-tensor norm and a stack, for the one tensor)."""
+    pytest.importorskip("bitsandbytes")
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    params = [torch.nn.Parameter(torch.randn(64, 80, dtype=dtype)) for _ in range(2)]  # 8-bit state: >= 4096
+    make = trainer.optim.adamw8bit_without_syncs()
+    optimizer = FusedBackward(params, lambda tensors: make(tensors, lr=1e-3), max_grad_norm=1.0,
+                              rounding_seed=0 if bf16_weights else None)
+    with cuda_defaults():
+        params[1].grad = torch.randn_like(params[1])
+        optimizer.step_tensor(1)  # the first step makes the state
+        params[1].grad = torch.randn_like(params[1])
+        with step_profile.Counter() as counter:
+            optimizer.step_tensor(1)
+    assert counter.kernels["optimizer_update_8bit_blockwise"] == 1
+    assert not counter.syncs
+    assert not [name for name in counter.kernels if name.startswith("_foreach") or name == "stack"]
+    assert sum(counter.kernels.values()) <= most
 
 
 def test_the_profile_sees_bitsandbytes_wait_after_every_tensor_and_ours_does_not(monkeypatch):

@@ -91,18 +91,29 @@ def _no_sync_class(base: type) -> type:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        self._update(group, p, gindex, pindex)
+            return loss
+
+        def step_one(self) -> None:
+            """step() for an optimizer of one tensor (trainer/fused.py's, one per tensor) without what
+            torch.optim.Optimizer wraps every step() in (a profiler mark, hook lists, a TorchDynamo guard, the
+            grad mode): that wrapper ran once per tensor, 686 times a step for SD 1.5's UNet, and cost more host time
+            than the update's launch itself (bench/step_profile.py). The update is step()'s, with the same arguments."""
+            group = self.param_groups[0]
+            with torch.no_grad():
+                self._update(group, group["params"][0], 0, 0)
+
+        def _update(self, group, p, gindex, pindex) -> None:
             if not self.initialized:
                 self.check_overrides()
                 self.to_gpu()
                 self.initialized = True
-            for gindex, group in enumerate(self.param_groups):
-                for pindex, p in enumerate(group["params"]):
-                    if p.grad is None:
-                        continue
-                    if len(self.state[p]) == 0:
-                        self.init_state(group, p, gindex, pindex)
-                    self.update_step(group, p, gindex, pindex)
-            return loss
+            if len(self.state[p]) == 0:
+                self.init_state(group, p, gindex, pindex)
+            self.update_step(group, p, gindex, pindex)
 
     AdamW8bit.__qualname__ = AdamW8bit.__name__ = "AdamW8bitWithoutSyncs"
     return AdamW8bit
