@@ -7,6 +7,9 @@
 # Results (markdown, JSON, the log) go to $OUT, or bench-gpu/ here. More arguments go to bench/dreambooth_bench.py
 # (on a CPU, to try the wiring: bash bench/gpu_check.sh --small --no-reference --steps 3 --warmup 1 --class-images 8).
 #
+# Where a step's time goes (issue 10 point 4), estimated 2-3 minutes: bash bench/gpu_check.sh profile (one step per
+# setting of a full-size random SD 1.5 at 512 px under torch.profiler: the GPU's busy share, launches, host waits).
+#
 # Scoring while training (issue 13), estimated 4-5 minutes on one H200: bash bench/gpu_check.sh evaluation
 # (bench/evaluation_cost.py on a full-size random SD 1.5 at the 24GB preset, the fastest: 400 steps, every 100).
 #
@@ -44,6 +47,10 @@ FAMILY=sd1
 if [ "${1:-}" = "evaluation" ]; then  # issue 13: what scoring every 100 of 400 steps adds (SD 1.5 at 512 px)
     "$PYTHON" bench/evaluation_cost.py --family sd1 --preset 24GB --steps 400 --every 100 2>&1 \
         | tee "$OUT/evaluation-cost.txt"
+    exit "${PIPESTATUS[0]}"
+fi
+if [ "${1:-}" = "profile" ]; then  # issue 10 point 4: where the presets' step time goes
+    "$PYTHON" bench/step_profile.py --gpu 2>&1 | tee "$OUT/step-profile.txt"
     exit "${PIPESTATUS[0]}"
 fi
 if [ "${1:-}" = "comfyui" ]; then  # issue 10: the example workflow in ComfyUI, capped as on 8 and 12 GB cards

@@ -13,7 +13,10 @@ encoder) at a fortieth of the width, so the counts are the full model's and the 
 bench/dreambooth_bench.py; presets resolve as on a GPU with bf16 and the optimizers take their GPU paths
 (trainer.device.emulating_gpu, bench.memory_model.cuda_defaults).
 
-    python bench/step_profile.py [--settings bf16+8bit+gc 8GB 8GB+te 12GB 24GB] [--steps 5]
+    python bench/step_profile.py [--settings bf16+8bit+gc 8GB 12GB 24GB ...] [--steps 5]
+
+On a GPU, `--gpu` profiles one step per setting of the full-size random SD 1.5 at 512 px with torch.profiler instead:
+how much of the step the GPU was busy, the kernels launched and the host's waits (bash bench/gpu_check.sh profile).
 """
 from __future__ import annotations
 
@@ -30,13 +33,15 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers.utils import logging as diffusers_logging
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.dreambooth_bench import parse_setting  # noqa: E402 (after the path above)
+from bench.dreambooth_bench import NATIVE_RESOLUTION, parse_setting  # noqa: E402 (after the path above)
 from bench.memory_model import cuda_defaults  # noqa: E402
 from bench.models import random_bundle, slim_configs  # noqa: E402
 from trainer.callbacks import Callbacks  # noqa: E402
@@ -46,6 +51,9 @@ from trainer.device import emulating_gpu  # noqa: E402
 from trainer.loop import train  # noqa: E402
 
 DEFAULT_SETTINGS = ("bf16+8bit+gc", "8GB", "12GB", "24GB", "bf16+8bit+gc+te", "8GB+te")
+# torch.profiler's names for a kernel launch, and for the host waiting for the GPU (cudaMemcpy, not Async, waits too).
+LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"}
+WAITS = {"cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 # Ops whose output's size depends on the values: a GPU must finish them before the host knows the size.
 DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim"}
 # Where .tolist() reads a tensor that is on the host on a GPU too: the run's seeded CPU stream (trainer/randomness.py).
@@ -114,39 +122,89 @@ def images(count: int, size: int, seed: int) -> list[SubjectImage]:
             for i in range(count)]
 
 
-def run(setting: str, steps: int, count: bool, family: str = "sd1", small: bool = False,
-        resolution: int = 64) -> dict:
-    """`steps` steps of train() at `setting`: per step (the last one's counts; the median time after the first step),
-    {"kernels": Counter, "syncs": Counter} with `count`, else {"cpu_ms": float}."""
-    bundle = random_bundle(family, small=True, configs=None if small else slim_configs(family))
+def train_steps(setting: str, steps: int, bundle, device: str, resolution: int, on_step_end) -> None:
+    """steps + 1 steps of train() at `setting` (the first a warm-up), on_step_end(step) after each; nothing saved."""
     with tempfile.TemporaryDirectory(prefix="step-profile-") as folder:
         cfg = TrainConfig(**{**parse_setting(setting).ours, "base_model": bundle.source_name, "instance_dir": folder,
                              "identifier": "zwx", "class_noun": "dog", "output": f"{folder}/out.safetensors",
                              "resolution": resolution, "max_train_steps": steps + 1, "num_class_images": 2,
-                             "device": "cpu", "seed": 0})
-        counter = Counter() if count else None
-        ends: list[float] = []
-        snapshots: list[tuple[collections.Counter, collections.Counter]] = []
+                             "device": device, "seed": 0})
 
         class Clock(Callbacks):
             def on_step(self, info):
-                ends.append(time.perf_counter())
-                if counter is not None:
-                    snapshots.append(counter.snapshot())
-                if len(ends) > steps:
+                on_step_end(info.step)
+                if info.step > steps:
                     raise _Done
 
-        with emulating_gpu(24 * 2 ** 30), cuda_defaults():
-            try:
-                with counter if counter is not None else contextlib.nullcontext():
-                    train(cfg, bundle=bundle, callbacks=Clock(), instance_images=images(2, resolution, 0),
-                          class_images=images(2, resolution, 1))
-            except _Done:
-                pass
+        try:
+            train(cfg, bundle=bundle, callbacks=Clock(), instance_images=images(2, resolution, 0),
+                  class_images=images(2, resolution, 1))
+        except _Done:
+            pass
+
+
+def run(setting: str, steps: int, count: bool, family: str = "sd1", small: bool = False,
+        resolution: int = 64) -> dict:
+    """`steps` steps of train() at `setting` on the CPU, as on a GPU: per step (the last one's counts; the median
+    time after the first step), {"kernels": Counter, "syncs": Counter} with `count`, else {"cpu_ms": float}."""
+    bundle = random_bundle(family, small=True, configs=None if small else slim_configs(family))
+    counter = Counter() if count else None
+    ends: list[float] = []
+    snapshots: list[tuple[collections.Counter, collections.Counter]] = []
+
+    def step_end(step: int) -> None:
+        ends.append(time.perf_counter())
+        if counter is not None:
+            snapshots.append(counter.snapshot())
+
+    with emulating_gpu(24 * 2 ** 30), cuda_defaults(), counter if counter is not None else contextlib.nullcontext():
+        train_steps(setting, steps, bundle, "cpu", resolution, step_end)
     if counter is not None:
         (kernels_before, syncs_before), (kernels, syncs) = snapshots[-2], snapshots[-1]
         return {"kernels": kernels - kernels_before, "syncs": syncs - syncs_before}
     return {"cpu_ms": 1000 * statistics.median(b - a for a, b in zip(ends, ends[1:]))}
+
+
+def profile_on_device(setting: str, device: str = "cuda", warmup: int = 3, family: str = "sd1",
+                      small: bool = False) -> dict:
+    """One step of `setting` after `warmup` steps under torch.profiler, on the full-size random model at its native
+    size (`small`: the tests' tiny one at 64 px): the step's wall time, the step before it (unprofiled: what the
+    profiler itself adds shows as the difference), the GPU's busy time in the step (its kernels' and copies' summed
+    durations), the kernels launched and the host's waits for the GPU, by name."""
+    bundle = random_bundle(family, small=small)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    profiler = torch.profiler.profile(activities=activities)
+    ends: list[float] = []
+
+    def step_end(step: int) -> None:  # the step's losses are read by now, so its kernels have all run
+        ends.append(time.perf_counter())
+        if step == warmup:
+            profiler.start()
+        elif step == warmup + 1:
+            profiler.stop()
+
+    train_steps(setting, warmup, bundle, device, 64 if small else NATIVE_RESOLUTION[family], step_end)
+    return {"setting": setting, "step_ms": 1000 * (ends[-1] - ends[-2]), "unprofiled_ms": 1000 * (ends[-2] - ends[-3]),
+            **device_summary(profiler.events())}
+
+
+def device_summary(events) -> dict:
+    """From torch.profiler's events: the GPU's busy milliseconds, the kernel launches, the host's waits by name, and
+    how often each ATen op ran on the host."""
+    return {"gpu_busy_ms": sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA) / 1000,
+            "launches": sum(e.name in LAUNCHES for e in events),
+            "waits": collections.Counter(e.name for e in events if e.name in WAITS),
+            "ops": collections.Counter(e.name for e in events if e.device_type == DeviceType.CPU)}
+
+
+def gpu_markdown(results: list[dict]) -> str:
+    lines = ["| setting | step ms (profiled) | step ms (not) | GPU busy ms | GPU busy | kernel launches | waits |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        waits = ", ".join(f"{n} {name}" for name, n in sorted(r["waits"].items())) or "0"
+        lines.append(f"| {r['setting']} | {r['step_ms']:.1f} | {r['unprofiled_ms']:.1f} | {r['gpu_busy_ms']:.1f} | "
+                     f"{100 * r['gpu_busy_ms'] / r['step_ms']:.0f}% | {r['launches']} | {waits} |")
+    return "\n".join(lines)
 
 
 def profile(setting: str, steps: int, **model) -> dict:
@@ -178,20 +236,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per setting (after one warm-up step)")
     parser.add_argument("--small", action="store_true", help="the tests' tiny model instead of slim SD 1.5 (seconds)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier times)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="on a GPU instead: one step per setting of the full-size random SD 1.5 at 512 px under "
+                             "torch.profiler (the GPU's busy share of the step, launches, waits), about 20 s each")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # (its note on every random model's casts)
     results = []
     for setting in args.settings:
+        if args.gpu:
+            results.append(profile_on_device(setting, "cuda", small=args.small))
+            r = results[-1]
+            print(f"{setting}: {r['step_ms']:.1f} ms a step ({r['unprofiled_ms']:.1f} unprofiled), GPU busy "
+                  f"{r['gpu_busy_ms']:.1f} ms, {r['launches']} launches, waits {dict(r['waits'])}", flush=True)
+            continue
+        torch.set_num_threads(args.threads)
         results.append(profile(setting, args.steps, small=args.small))
         r = results[-1]
         print(f"{setting}: {sum(r['kernels'].values())} kernels, syncs {dict(r['syncs'])}, {r['cpu_ms']:.1f} CPU "
               f"ms per step; most launched: {top_kernels(r)}", flush=True)
-    print(markdown(results))
+    print(gpu_markdown(results) if args.gpu else markdown(results))
     return 0
 
 

@@ -1,10 +1,12 @@
 """bench/step_profile.py: its counter counts what a GPU would launch and wait for, its slim model has every tensor of
-the full one, and what it found stays true: the fused per-tensor step launches only the kernels it needs, and
-bitsandbytes' wait after every tensor stays out of the step."""
+the full one, its GPU profile times one step, and what it found stays true: the fused per-tensor step launches only
+the kernels it needs, and bitsandbytes' wait after every tensor stays out of the step."""
 import collections
+import types
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 import trainer.optim
 from bench import step_profile
@@ -73,3 +75,40 @@ def test_the_profile_sees_bitsandbytes_wait_after_every_tensor_and_ours_does_not
     monkeypatch.setattr(trainer.optim, "_no_sync_class", lambda base: base)  # bitsandbytes' own AdamW8bit
     theirs = step_profile.run("12GB", steps=1, count=True, small=True)
     assert theirs["syncs"]["bitsandbytes sync_gpu"] == trained
+
+
+def test_the_gpu_profiles_window_holds_exactly_one_step():
+    # (On the CPU: no kernel launches or GPU time to see, but the same window of the same train().)
+    profiled = step_profile.profile_on_device("fp32", "cpu", warmup=2, small=True)
+    counted = step_profile.run("fp32", steps=1, count=True, small=True)
+    assert profiled["ops"]["aten::mse_loss"] == counted["kernels"]["mse_loss"] > 0
+    assert profiled["step_ms"] > 0 and profiled["unprofiled_ms"] > 0
+    assert profiled["launches"] == 0 and profiled["gpu_busy_ms"] == 0
+
+
+def test_the_gpu_summary_adds_the_gpus_time_and_counts_launches_and_waits():
+    class Span:
+        def __init__(self, us):
+            self.us = us
+
+        def elapsed_us(self):
+            return self.us
+
+    def event(name, device, us=1.0):
+        return types.SimpleNamespace(name=name, device_type=device, time_range=Span(us))
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event("aten::mm", cpu), event("cudaLaunchKernel", cpu), event("sm90_gemm", cuda, 1500.0),
+              event("cudaLaunchKernel", cpu), event("Memcpy DtoH", cuda, 500.0), event("cudaStreamSynchronize", cpu),
+              event("cudaMemcpyAsync", cpu)]
+    summary = step_profile.device_summary(events)
+    assert summary["gpu_busy_ms"] == 2.0 and summary["launches"] == 2
+    assert summary["waits"] == collections.Counter({"cudaStreamSynchronize": 1})
+
+
+def test_the_gpu_mode_prints_a_row_per_setting(monkeypatch, capsys):
+    real = step_profile.profile_on_device
+    monkeypatch.setattr(step_profile, "profile_on_device", lambda setting, device, **kw: real(setting, "cpu", **kw))
+    assert step_profile.main(["--gpu", "--small", "--settings", "fp32", "fp32+gc"]) == 0
+    table = capsys.readouterr().out.split("| setting | step ms (profiled)")[1]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| fp32", "| fp32+gc"]
