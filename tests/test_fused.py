@@ -8,7 +8,7 @@ import torch
 from trainer.__main__ import main
 from trainer.callbacks import Callbacks, TrainingCancelled
 from trainer.config import ConfigError
-from trainer.fused import FusedBackward
+from trainer.fused import FusedBackward, PerTensorOptimizer
 from trainer.loop import train
 from trainer.state import state_dir_for
 from tests.test_train import CrashAt, StopAfter, config, images, max_change, weights  # noqa: F401 (fixture)
@@ -206,3 +206,19 @@ def test_the_command_line_offers_it_and_says_the_cost(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--fused-backward" in text and "each tensor's gradient on its own" in text
+
+
+def test_the_per_tensor_8bit_step_runs_hooks_registered_on_its_optimizers():
+    # (bench/memory_model.py measures each tensor's step through them; step_one skips only torch's wrapper)
+    pytest.importorskip("bitsandbytes")
+    from trainer.optim import adamw8bit_without_syncs
+
+    param, seen = torch.nn.Parameter(torch.randn(64, 80)), []
+    optimizer = PerTensorOptimizer([param], lambda tensors: adamw8bit_without_syncs()(tensors, lr=1e-3))
+    inner = optimizer.optimizers[0]
+    inner.register_step_pre_hook(lambda opt, args, kwargs: seen.append(("before", opt, param.clone())))
+    inner.register_step_post_hook(lambda opt, args, kwargs: seen.append(("after", opt, param.clone())))
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    assert [(when, opt) for when, opt, _ in seen] == [("before", inner), ("after", inner)]
+    assert not torch.equal(seen[0][2], seen[1][2])  # the update ran between them

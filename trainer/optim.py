@@ -99,12 +99,17 @@ def _no_sync_class(base: type) -> type:
 
         def step_one(self) -> None:
             """step() for an optimizer of one tensor (trainer/fused.py's, one per tensor) without what
-            torch.optim.Optimizer wraps every step() in (a profiler mark, hook lists, a TorchDynamo guard, the
-            grad mode): that wrapper ran once per tensor, 686 times a step for SD 1.5's UNet, and cost more host time
-            than the update's launch itself (bench/step_profile.py). The update is step()'s, with the same arguments."""
+            torch.optim.Optimizer wraps every step() in (a profiler mark, a TorchDynamo guard, the grad mode, the
+            global hooks): that wrapper ran once per tensor, 686 times a step for SD 1.5's UNet, and cost more host
+            time than the update's launch itself (bench/step_profile.py). The update is step()'s, with the same
+            arguments; hooks registered on this optimizer (register_step_pre_hook / _post_hook) still run."""
+            for hook in self._optimizer_step_pre_hooks.values():
+                hook(self, (), {})
             group = self.param_groups[0]
             with torch.no_grad():
                 self._update(group, group["params"][0], 0, 0)
+            for hook in self._optimizer_step_post_hooks.values():
+                hook(self, (), {})
 
         def _update(self, group, p, gindex, pindex) -> None:
             if not self.initialized:
