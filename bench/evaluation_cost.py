@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.models import random_bundle  # noqa: E402 (after the path above)
+from bench.models import noise_images, random_bundle  # noqa: E402 (after the path above)
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.evaluation import Evaluation  # noqa: E402
 from trainer.loop import train  # noqa: E402
@@ -62,8 +61,7 @@ def toy_run(workdir: Path, steps: int, every: int) -> tuple[float, int]:
 
 def write_random_photos(folder: Path, count: int, size: int, seed: int) -> list[Image.Image]:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+    images = noise_images(count, size, seed)
     for i, image in enumerate(images):
         image.save(folder / f"{i:02d}.png")
     return images

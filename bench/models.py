@@ -7,7 +7,9 @@ vocabulary.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 
 from trainer.bundle import ModelBundle
 from trainer.models import ModelConfigs, build_bundle, make_noise_scheduler, shipped_configs
@@ -100,6 +102,13 @@ def model_configs(family: str, small: bool) -> ModelConfigs:
         return shipped_configs(family)
     return ModelConfigs(tiny_unet_config(family), tiny_vae_config(), tiny_text_config(family),
                         tiny_text_config_2() if family == "sdxl" else None)
+
+
+def noise_images(count: int, size: int, seed: int) -> list[Image.Image]:
+    """`count` RGB images of uniform noise, size x size: photos for the random models (their content changes
+    neither memory nor speed)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def slim_configs(family: str) -> ModelConfigs:

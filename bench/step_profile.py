@@ -29,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from diffusers.utils import logging as diffusers_logging
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
@@ -43,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.dreambooth_bench import NATIVE_RESOLUTION, parse_setting  # noqa: E402 (after the path above)
 from bench.memory_model import cuda_defaults  # noqa: E402
-from bench.models import random_bundle, slim_configs  # noqa: E402
+from bench.models import noise_images, random_bundle, slim_configs  # noqa: E402
 from trainer.callbacks import Callbacks  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.dataset import SubjectImage  # noqa: E402
@@ -117,9 +115,7 @@ class _Done(Exception):
 
 
 def images(count: int, size: int, seed: int) -> list[SubjectImage]:
-    rng = np.random.default_rng(seed)
-    return [SubjectImage(f"{seed}-{i}.png", Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
-            for i in range(count)]
+    return [SubjectImage(f"{seed}-{i}.png", image) for i, image in enumerate(noise_images(count, size, seed))]
 
 
 def train_steps(setting: str, steps: int, bundle, device: str, resolution: int, on_step_end) -> None:

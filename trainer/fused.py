@@ -133,6 +133,8 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         if rounding_seed is not None:
             self._make_shadows(rounding_seed)
         self.optimizers = [make_one([p]) for p in (self.shadows if self.shadows is not None else self.params)]
+        # Each one's update, chosen once: 8-bit AdamW's step_one (optim.py) skips the wrapper torch puts on step().
+        self._updates = [getattr(optimizer, "step_one", optimizer.step) for optimizer in self.optimizers]
         self.defaults = self.optimizers[0].defaults if self.optimizers else {}
 
     def _make_shadows(self, seed: int) -> None:
@@ -165,7 +167,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
     def step_tensor(self, i: int, clip_coef: torch.Tensor | None = None) -> None:
         """Step tensor i from its gradient, scaled by clip_coef (clipping decided by the caller: over all gradients,
         or over a sharded tensor's shards) or, inside backward, clipped on its own. The caller frees the gradient."""
-        param, optimizer = self.params[i], self.optimizers[i]
+        param = self.params[i]
         if param.grad is None:
             return
         stepped = param
@@ -179,10 +181,7 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         elif self.in_backward and self.max_grad_norm:  # per tensor: see the module docstring
             # clip_grad_norm_'s arithmetic for one tensor, without its handling of many (on a GPU 2 kernels fewer)
             stepped.grad.mul_(clip_coefficient(torch.linalg.vector_norm(stepped.grad), self.max_grad_norm))
-        if hasattr(optimizer, "step_one"):  # 8-bit AdamW (optim.py): its update without step()'s wrapper
-            optimizer.step_one()
-        else:
-            optimizer.step()
+        self._updates[i]()
         if self.shadows is not None:
             stepped.grad = None
             self.generator.manual_seed(mixed_seed(self.rounding_seed, i, self.rounds[i]))
